@@ -1,0 +1,47 @@
+# The README's two set-up commands: `make demo` (the main job on the embedded default) and `make test`.
+# Both create or reuse .venv, install what they need, and are idempotent (a stamp file per install).
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= browser,gbox,app,notebooks,dev
+# torch/torchvision: this exact pair lies on the CPU machines' disk, and torchvision is what lets
+# transformers 5.x build the *real* Qwen-VL processors (their video processors import torchvision;
+# torchvision does not import beside the CPU-only torch 2.13 wheel). A bare `torch` would make pip
+# fetch an unpinned multi-GB CUDA build instead.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+CHROMIUM ?= /usr/lib/chromium/chromium
+STAMP := $(VENV)/.cua-kit-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY ?= error
+
+.PHONY: demo test install chromium clean-venv
+
+demo: install chromium
+	$(VENV)/bin/cua-kit train configs/quickstart.yaml
+
+test: install chromium
+	$(PY) -m pytest -q tests
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PKGS)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+# Debian's Chromium for MiniWoB++ and the dashboard tests (never `playwright install`: no downloads here).
+chromium:
+	@if [ -x $(CHROMIUM) ]; then exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else \
+		echo "Chromium is missing. Install it with:"; \
+		echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium"; \
+		exit 1; \
+	fi
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,498 @@
+"""Typed configuration: one dataclass per section, YAML files, dotted command-line overrides.
+
+Every field has a default, a one-line meaning (the docstring-style comment under it) and its units.
+Precedence, lowest first: dataclass defaults < YAML file < environment variables < command line.
+
+    cfg = load_config("configs/quickstart.yaml", ["trainer.max_steps=5", "--lora-r", "8"])
+
+An unknown key fails at load time with the closest valid name; a wrong type or value fails with the
+field's name and what is allowed (`ConfigError`). The original system's flags (`--model-name`,
+`--lora-r`, `--resume`, ...) and env vars (`MODEL_NAME`, `OUTPUT_DIR`, ...) map onto fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that can't be used; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "builtin:qwen3_vl-tiny"
+    """Hub id (Qwen/Qwen3-VL-8B-Instruct), a local folder, or builtin:<arch>-<size> (built offline on first use)."""
+    loader: Literal["hf", "unsloth"] = "hf"
+    """hf = plain transformers ("verification mode"); unsloth = FastVisionModel ("accelerated mode", GPU only)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; auto = bfloat16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to from_pretrained."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (OOM advice #3)."""
+    load_in_4bit: bool = False
+    """QLoRA-style 4-bit base weights (unsloth loader only). Env var LOAD_IN_4BIT."""
+    coord_mode: Literal["relative", "absolute"] = "relative"
+    """Model coordinates: relative 0-999 grid (Qwen3-VL) or absolute pixels (Qwen2.5-VL)."""
+    cache_dir: str = "~/.cache/cua-kit/models"
+    """Where builtin: models are built and kept (folder)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train a LoRA adapter (False = full fine-tuning is not supported; env var USE_LORA)."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input (probability); 0 keeps the PPO ratio exactly 1 on fresh samples."""
+    groups: list[str] = field(default_factory=lambda: ["vision_attention", "merger", "language"])
+    """Target groups: vision_attention, merger (vision->language, 'cross-modal'), language."""
+
+
+@dataclass
+class EnvConfig:
+    name: str = "synth"
+    """Env backend: synth, miniwob or gbox."""
+    task_file: str = "data/synth_tasks.jsonl"
+    """Task set (JSONL or YAML) with train/eval splits."""
+    train_split: str = "train"
+    """Split that training samples tasks from."""
+    eval_split: str = "eval"
+    """Held-out split for `cua-kit eval`."""
+    task_filter: list[str] = field(default_factory=list)
+    """Keep only task ids starting with one of these prefixes (empty = all)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Backend-specific constructor options (e.g. screen_size for synth)."""
+    pool_size: int = 0
+    """Envs kept alive (0 = rollout.max_concurrent_rollouts)."""
+    step_timeout_s: float = 30.0
+    """Seconds before a step counts as an env error."""
+    reset_timeout_s: float = 60.0
+    """Seconds before a reset counts as an env error."""
+    step_latency_s: float = 0.0
+    """Injected latency per step in seconds (benchmarks that imitate cloud boxes)."""
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    """Policy backend for generation."""
+    n_samples: int = 4
+    """Episodes per task (GRPO group size). Flag --num-rollouts."""
+    max_turns: int = 15
+    """Turns before an episode ends unfinished."""
+    temperature: float = 0.7
+    """Sampling temperature (> 0: groups of identical samples have zero advantage)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    max_new_tokens: int = 1024
+    """Tokens generated per turn at most."""
+    history_images: int = 2
+    """Screenshots kept as images in the prompt (older turns become text lines)."""
+    max_pixels: int = 401408
+    """Pixel cap per prompt image (resized keeping aspect ratio); 401408 = 512 image tokens."""
+    max_concurrent_rollouts: int = 8
+    """Episodes in flight at once (concurrent envs/boxes)."""
+    max_staleness: int = 1
+    """Max policy versions a turn may lag the trainer; 0 = synchronous on-policy GRPO."""
+    filter_zero_variance: bool = False
+    """Drop groups whose rewards are all equal (they carry no gradient); counted either way."""
+    format_penalty: float = 0.0
+    """Subtracted from the reward of an episode per unparsable action (reward units)."""
+    max_batch: int = 8
+    """Generation requests batched into one generate call at most."""
+    batch_wait_ms: float = 5.0
+    """Milliseconds the batcher waits to gather requests."""
+    vllm_api_base: str = ""
+    """OpenAI-compatible server for backend=vllm (env var VLLM_API_BASE)."""
+
+
+@dataclass
+class GRPOConfig:
+    adv_mode: Literal["std", "no_std", "loo"] = "std"
+    """Advantage: (r-mean)/(std+eps), Dr. GRPO's r-mean, or leave-one-out."""
+    eps_clip: float = 0.2
+    """PPO clip range below 1 (and above, unless eps_clip_high is set)."""
+    eps_clip_high: float = 0.0
+    """Clip-higher (DAPO) upper range; 0 = same as eps_clip."""
+    kl_ctl: float = 0.01
+    """beta: weight of the k3 KL to the reference (adapter-disabled) model."""
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    """token_mean (DAPO) or seq_mean (GRPO) loss aggregation."""
+    decoupled: bool = True
+    """Decoupled PPO objective for stale samples (proximal log-probs recomputed before the update)."""
+    max_is_weight: float = 5.0
+    """Clamp on the behaviour importance weight exp(prox - behav) in the decoupled objective."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    """Optimizer steps in the run. Flag --max-steps."""
+    batch_size: int = 2
+    """Groups (tasks) per step; episodes per step = batch_size * n_samples. Flag --batch-size."""
+    learning_rate: float = 1e-5
+    """AdamW peak learning rate. Flag --learning-rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """LR after warm-up."""
+    grad_clip: float = 1.0
+    """Max global grad norm (0 = off)."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch (gradient accumulation over micro-batches)."""
+    max_seq_length: int = 8192
+    """Prompt+completion tokens of one sample at most; longer samples are dropped and counted."""
+    seed: int = 1
+    """Seed for task order, sampling and init."""
+
+
+@dataclass
+class SaverConfig:
+    freq_steps: int = 50
+    """Save a checkpoint every N steps (0 = off); also at the end and on SIGTERM."""
+    freq_epochs: int = 1
+    """Save at the end of every N epochs (0 = off)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones deleted)."""
+
+
+@dataclass
+class RecoverConfig:
+    mode: Literal["auto", "resume", "off"] = "auto"
+    """auto: resume from the latest checkpoint if any; resume: require one; off: start fresh."""
+    ckpt_path: str = ""
+    """Checkpoint folder to resume from (default: the latest under the run folder)."""
+
+
+@dataclass
+class LoggingConfig:
+    verbose: bool = False
+    """Print the [GRPO Group i] lines. Flag --verbose."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under the run folder."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs WANDB_API_KEY). Flag --wandb."""
+    wandb_project: str = "cua-kit"
+    """W&B project (env var WANDB_PROJECT)."""
+    progress: bool = True
+    """Show a progress bar for rollouts."""
+
+
+@dataclass
+class LaunchConfig:
+    n_gpus: int = 1
+    """GPUs for the run (0 = CPU); N > 1 launches through torchrun."""
+    inference_gpus: int = 0
+    """GPUs reserved for inference in a split layout (0 = colocated)."""
+
+
+@dataclass
+class Config:
+    experiment_name: str = "quickstart"
+    """Experiment folder name under output_dir."""
+    trial_name: str = "trial0"
+    """Trial folder name under the experiment."""
+    output_dir: str = "outputs"
+    """Root of all runs (env var OUTPUT_DIR, flag --output-dir)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    saver: SaverConfig = field(default_factory=SaverConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """outputs/<experiment>/<trial>: everything a run writes lives here."""
+        return Path(self.output_dir) / self.experiment_name / self.trial_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The original system's flags -> dotted keys. A flag mapped to a value (not None) takes no argument.
+LEGACY_FLAGS: dict[str, tuple[str, Any]] = {
+    "--model-name": ("model.name", None),
+    "--lora-r": ("lora.r", None),
+    "--lora-alpha": ("lora.alpha", None),
+    "--batch-size": ("trainer.batch_size", None),
+    "--num-rollouts": ("rollout.n_samples", None),
+    "--max-steps": ("trainer.max_steps", None),
+    "--learning-rate": ("trainer.learning_rate", None),
+    "--output-dir": ("output_dir", None),
+    "--resume": ("recover.mode", "resume"),
+    "--verbose": ("logging.verbose", True),
+    "--wandb": ("logging.wandb", True),
+}
+
+# Environment variables users of the original system set -> dotted keys.
+ENV_VARS: dict[str, str] = {
+    "MODEL_NAME": "model.name",
+    "OUTPUT_DIR": "output_dir",
+    "LOAD_IN_4BIT": "model.load_in_4bit",
+    "USE_LORA": "lora.enabled",
+    "WANDB_PROJECT": "logging.wandb_project",
+    "VLLM_API_BASE": "rollout.vllm_api_base",
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}.{hint} See `cua-kit config show` for all keys.")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it converted, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    """Set dotted `key` on `cfg`, type-checked."""
+    parts = key.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        sub = getattr(obj, part, None) if part in _field_types(type(obj)) else None
+        if not dataclasses.is_dataclass(sub):
+            raise _unknown_key(key)
+        obj = sub
+    types_ = _field_types(type(obj))
+    if parts[-1] not in types_ or dataclasses.is_dataclass(types_[parts[-1]]):
+        raise _unknown_key(key)
+    setattr(obj, parts[-1], _coerce(key, value, types_[parts[-1]]))
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, except under mapping-typed fields like env.options."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and full not in _MAPPING_KEYS:
+            flat.update(_flatten(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+_MAPPING_KEYS = {"env.options"}
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """Turn CLI tokens into {dotted.key: value}. Accepts `a.b=v`, `--a.b=v`, `--a.b v` and legacy flags.
+
+    Values are read as YAML scalars (`5` -> int, `true` -> bool, `[a,b]` -> list).
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, raw = token.partition("=")
+        if name in LEGACY_FLAGS:
+            key, fixed = LEGACY_FLAGS[name]
+            if fixed is not None and not eq:
+                out[key] = fixed
+                i += 1
+                continue
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                raw, i = argv[i + 1], i + 1
+            out[key] = _yaml_scalar(raw)
+        elif eq:
+            out[name.removeprefix("--")] = _yaml_scalar(raw)
+        elif token.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out[token[2:]], i = _yaml_scalar(argv[i + 1]), i + 1
+        else:
+            raise ConfigError(f"can't read override {token!r}: write section.key=value (e.g. trainer.max_steps=5)")
+        i += 1
+    return out
+
+
+def _yaml_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    return {key: _yaml_scalar(environ[var]) for var, key in ENV_VARS.items() if environ.get(var)}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build a Config: defaults < YAML at `path` < env vars < `overrides` (CLI tokens or a dict)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for key, value in _flatten(data).items():
+            _set(cfg, key, value)
+    for key, value in _env_overrides(dict(os.environ if environ is None else environ)).items():
+        _set(cfg, key, value)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in _flatten(overrides or {}).items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone can't express."""
+    checks = [
+        (cfg.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
+        (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (0 makes every sample of a group identical)"),
+        (cfg.rollout.max_turns >= 1, "rollout.max_turns must be >= 1"),
+        (cfg.rollout.max_staleness >= 0, "rollout.max_staleness must be >= 0"),
+        (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),
+        (cfg.trainer.learning_rate > 0, "trainer.learning_rate must be > 0"),
+        (cfg.lora.r >= 1, "lora.r must be >= 1"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (cfg.grpo.eps_clip > 0, "grpo.eps_clip must be > 0"),
+        (cfg.grpo.kl_ctl >= 0, "grpo.kl_ctl must be >= 0"),
+    ]
+    from cua_kit.models.lora import LORA_GROUPS  # local: config stays importable without torch
+
+    for group in cfg.lora.groups:
+        if group not in LORA_GROUPS:
+            raise ConfigError(f"lora.groups: unknown group {group!r}; choose from {list(LORA_GROUPS)}")
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, folder: str | Path) -> Path:
+    """Write the resolved config next to a run (`config.yaml`); it reloads with load_config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(config_to_yaml(cfg))
+    return path
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, one-line doc) for every field: the config reference in docs/."""
+    docs = _field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_fields(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
+    return rows
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Read the string literal under each field in the class source (attribute docstrings)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    return docs

@@ -1,0 +1,124 @@
+"""The environment protocol shared by every backend (synth, miniwob, gbox), and task sets.
+
+An env is async: `reset(task) -> Observation`, `step(action) -> StepResult`, `evaluate() -> reward`,
+`close()`. Infrastructure failures (a dead browser, a box that times out) raise `EnvError`, which the
+rollout keeps apart from policy failures: they are never scored as a 0 for the policy.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from PIL import Image
+
+from cua_kit.actions import Action
+
+Split = Literal["train", "eval"]
+
+
+class EnvError(RuntimeError):
+    """An infrastructure failure of the environment, not a mistake of the policy."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: data only. `params` hold whatever the env needs (seed, level, target ...)."""
+
+    id: str
+    env: str
+    instruction: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    split: Split = "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "Task":
+        unknown = set(row) - {"id", "env", "instruction", "params", "split"}
+        if unknown:
+            raise ValueError(f"task {row.get('id')!r}: unknown keys {sorted(unknown)}")
+        return cls(
+            id=str(row["id"]),
+            env=str(row["env"]),
+            instruction=str(row.get("instruction", "")),
+            params=dict(row.get("params") or {}),
+            split=row.get("split", "train"),
+        )
+
+
+@dataclass
+class Observation:
+    """What the agent sees after reset or a step."""
+
+    screenshot: Image.Image
+    instruction: str
+    extra: str | None = None  # optional text (e.g. a form's current value, an env message)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the screenshot in pixels."""
+        return self.screenshot.size
+
+
+@dataclass
+class StepResult:
+    """The result of one `step`. `done` is set when the env itself ended the episode."""
+
+    observation: Observation
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Env(abc.ABC):
+    """One GUI environment instance: holds one screen at a time. Not shared between episodes in flight."""
+
+    name: ClassVar[str]
+    # Which Qwen3-VL tool this env speaks: "mobile_use" (phones) or "computer_use" (desktop/web).
+    tool: ClassVar[str] = "mobile_use"
+
+    @abc.abstractmethod
+    async def reset(self, task: Task) -> Observation: ...
+
+    @abc.abstractmethod
+    async def step(self, action: Action) -> StepResult: ...
+
+    @abc.abstractmethod
+    async def evaluate(self) -> float:
+        """The task reward of the current state: 1.0 success, 0.0 failure (partial values allowed)."""
+
+    async def oracle_action(self) -> Action:
+        """The action a perfect agent takes now, computed from the env's state (for demos and SFT).
+
+        Backends that have no oracle raise NotImplementedError.
+        """
+        raise NotImplementedError(f"env {self.name!r} has no oracle policy")
+
+    async def close(self) -> None:  # noqa: B027 - optional for envs with nothing to release
+        """Release every resource (browser context, box). Safe to call twice."""
+
+
+def load_tasks(path: str | Path, split: str | None = None, env: str | None = None) -> list[Task]:
+    """Read a task set from JSONL (one task a line) or YAML (a list, or `{tasks: [...]}`).
+
+    `split`/`env` filter the tasks. An empty result is an error: a run with no tasks says so early.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"task file not found: {path}")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or []
+        rows = data["tasks"] if isinstance(data, dict) else data
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    tasks = [Task.from_dict(r) for r in rows]
+    tasks = [t for t in tasks if (split is None or t.split == split) and (env is None or t.env == env)]
+    if not tasks:
+        raise ValueError(f"{path}: no tasks with split={split!r} env={env!r}")
+    return tasks

@@ -1,0 +1,168 @@
+"""Offline tiny Qwen-VL models, the loader and LoRA target groups, through the real Auto classes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from cua_kit.config import LoraConfig, ModelConfig
+from cua_kit.models.loader import apply_lora, load_policy, load_processor, reference_model
+from cua_kit.models.lora import resolve_targets
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def tiny_dir(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    cmd = [sys.executable, "-m", "cua_kit.cli", "make-tiny-model", str(out), "--arch", request.param, "--size", "tiny"]
+    subprocess.run(cmd, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return out, request.param
+
+
+def _prompt_inputs(processor):
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Tap the OK button"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    return processor(text=[text], images=[Image.new("RGB", (224, 224), "white")], return_tensors="pt")
+
+
+def test_tiny_model_loads_through_auto_classes_and_generates(tiny_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path, arch = tiny_dir
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert model.config.model_type == arch
+    assert type(processor).__name__ == {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[arch]
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert model.config.text_config.head_dim >= 32 if arch == "qwen3_vl" else True
+    inputs = _prompt_inputs(processor)
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=True)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_tokenizer_round_trips_and_has_qwen_specials(tiny_dir):
+    processor = load_processor(str(tiny_dir[0]))
+    tok = processor.tokenizer
+    text = '<tool_call>\n{"name": "mobile_use", "arguments": {"action": "type", "text": "héllo wörld 42"}}\n</tool_call>'
+    assert tok.decode(tok(text)["input_ids"]) == text
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    ids = [tok.convert_tokens_to_ids(s) for s in specials]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+EXPECTED_GROUPS = {
+    "qwen3_vl": {
+        "vision_attention": {"model.visual.blocks.0.attn.qkv", "model.visual.blocks.0.attn.proj",
+                             "model.visual.blocks.1.attn.qkv", "model.visual.blocks.1.attn.proj"},
+        "merger": {"model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2",
+                   "model.visual.deepstack_merger_list.0.linear_fc1", "model.visual.deepstack_merger_list.0.linear_fc2"},
+    },
+    "qwen2_5_vl": {
+        "vision_attention": {"model.visual.blocks.0.attn.qkv", "model.visual.blocks.0.attn.proj",
+                             "model.visual.blocks.1.attn.qkv", "model.visual.blocks.1.attn.proj"},
+        "merger": {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2"},
+    },
+}
+
+
+def test_lora_groups_resolve_to_exact_module_sets(tiny_dir):
+    from transformers import AutoModelForImageTextToText
+
+    path, arch = tiny_dir
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    targets = resolve_targets(model, ["vision_attention", "merger", "language"])
+    for group, expected in EXPECTED_GROUPS[arch].items():
+        assert set(targets.modules[group]) == expected
+    language = {f"model.language_model.layers.{i}.{m}" for i in range(2) for m in
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+    assert set(targets.modules["language"]) == language
+    # never the patch-embedding Conv3d, the vision block MLPs or lm_head
+    everything = {n for names in targets.modules.values() for n in names}
+    assert not any("patch_embed" in n or "lm_head" in n or ".mlp.linear_fc" in n and "blocks" in n for n in everything)
+    peft_model, _ = apply_lora(model, LoraConfig(r=4, alpha=8, groups=["vision_attention", "merger", "language"]))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == everything
+
+
+def test_group_that_matches_nothing_is_reported_and_dropped(tiny_dir, caplog):
+    from transformers import AutoModelForImageTextToText
+
+    from cua_kit.models import lora
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir[0])
+    saved = dict(lora.LORA_GROUPS["merger"])
+    lora.LORA_GROUPS["merger"][tiny_dir[1]] = r"model\.visual\.nothing_here"
+    try:
+        targets = resolve_targets(model, ["merger", "language"])
+        assert targets.dropped == ["merger"] and "merger" not in targets.modules
+        with caplog.at_level("WARNING"):
+            apply_lora(model, LoraConfig(groups=["merger", "language"]))
+        assert "matched no module" in caplog.text
+    finally:
+        lora.LORA_GROUPS["merger"].update(saved)
+
+
+def test_adapter_disabled_logprobs_equal_base_exactly(tiny_dir):
+    path, _ = tiny_dir
+    policy = load_policy(ModelConfig(name=str(path), device="cpu"), LoraConfig(r=4, alpha=8))
+    base = load_policy(ModelConfig(name=str(path), device="cpu"), LoraConfig(enabled=False)).model
+    with torch.no_grad():  # make the adapter non-trivial so "disabled" means something
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    inputs = _prompt_inputs(policy.processor)
+    with torch.no_grad():
+        lora_logits = policy.model(**inputs).logits
+        with reference_model(policy.model) as ref:
+            ref_logits = ref(**inputs).logits
+        base_logits = base(**inputs).logits
+    assert torch.equal(ref_logits, base_logits)
+    assert not torch.allclose(lora_logits, base_logits)
+
+
+def test_saved_adapter_loads_in_plain_peft(tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    path, _ = tiny_dir
+    policy = load_policy(ModelConfig(name=str(path), device="cpu"), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    policy.model.save_pretrained(tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(path), tmp_path / "adapter").eval()
+    policy.model.eval()
+    inputs = _prompt_inputs(policy.processor)
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, policy.model(**inputs).logits, atol=1e-6)
+
+
+def test_builtin_model_is_built_once_into_the_cache(tmp_path):
+    from cua_kit.models.loader import resolve_model_path
+
+    cfg = ModelConfig(name="builtin:qwen3_vl-tiny", cache_dir=str(tmp_path))
+    first = resolve_model_path(cfg)
+    mtime = (tmp_path / "qwen3_vl-tiny" / "config.json").stat().st_mtime
+    assert resolve_model_path(cfg) == first and (tmp_path / "qwen3_vl-tiny" / "config.json").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="builtin:<qwen3_vl|qwen2_5_vl>"):
+        resolve_model_path(ModelConfig(name="builtin:llama-tiny", cache_dir=str(tmp_path)))
+
+
+def test_image_only_processor_matches_the_real_one(tiny_dir):
+    from cua_kit.models.loader import _image_only_processor
+
+    real = load_processor(str(tiny_dir[0]))
+    image_only = _image_only_processor(str(tiny_dir[0]))
+    a, b = _prompt_inputs(real), _prompt_inputs(image_only)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unsloth_loader_fails_clearly_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the message is for CPU machines")
+    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+        load_policy(ModelConfig(loader="unsloth"), LoraConfig())
