@@ -48,6 +48,8 @@ class ModelConfig:
     """Model coordinates: relative 0-999 grid (Qwen3-VL) or absolute pixels (Qwen2.5-VL)."""
     cache_dir: str = "~/.cache/cua-kit/models"
     """Where builtin: models are built and kept (folder)."""
+    adapter_path: str = ""
+    """Warm-start LoRA adapter (peft folder, e.g. the output of `cua-kit sft`); empty = a fresh adapter."""
 
 
 @dataclass
@@ -164,6 +166,26 @@ class TrainerConfig:
     """Prompt+completion tokens of one sample at most; longer samples are dropped and counted."""
     seed: int = 1
     """Seed for task order, sampling and init."""
+    eval_episodes: int = 0
+    """Held-out episodes run before training and at the end (0 = no eval); success is printed and traced."""
+    eval_temperature: float = 0.0
+    """Sampling temperature for eval (0 = greedy)."""
+
+
+@dataclass
+class SFTConfig:
+    demos_per_task: int = 1
+    """Oracle episodes recorded per train task for behaviour cloning."""
+    max_tasks: int = 0
+    """Train tasks used for demos (0 = all)."""
+    epochs: int = 3
+    """Passes over the demonstration turns."""
+    batch_size: int = 8
+    """Turns per optimizer step."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate for the SFT LoRA."""
+    output: str = "sft"
+    """Folder under the run folder where the adapter is written (adapter/ inside it)."""
 
 
 @dataclass
@@ -220,6 +242,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     saver: SaverConfig = field(default_factory=SaverConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -284,6 +307,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it converted, or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/yes/no as booleans
+            value = {False: "off", True: "on"}[value] if ("off" if not value else "on") in args else value
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
         return value
@@ -442,6 +467,7 @@ def validate(cfg: Config) -> None:
         (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),
         (cfg.trainer.learning_rate > 0, "trainer.learning_rate must be > 0"),
         (cfg.lora.r >= 1, "lora.r must be >= 1"),
+        (cfg.trainer.eval_temperature >= 0, "trainer.eval_temperature must be >= 0 (0 = greedy)"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (cfg.grpo.eps_clip > 0, "grpo.eps_clip must be > 0"),
         (cfg.grpo.kl_ctl >= 0, "grpo.kl_ctl must be >= 0"),

@@ -96,13 +96,26 @@ def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
              "previous turns you are a computer use agent screenshot phone web page").split()
     actions = ["click", "long_press", "swipe", "type", "system_button", "wait", "terminate", "left_click",
                "double_click", "key", "scroll", "answer"]
-    lines = []
+    lines = _prompt_texts()
     for _ in range(n_lines):
         args = {"action": rng.choice(actions), "coordinate": [rng.randint(0, 999), rng.randint(0, 999)]}
         lines.append('<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>'
                      % (rng.choice(["mobile_use", "computer_use"]), json.dumps(args)))
         lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize() + ".")
     return lines
+
+
+def _prompt_texts() -> list[str]:
+    """The kit's own system prompt and tool descriptions, so they tokenize compactly (as English does
+    with a real Qwen tokenizer): a short prompt keeps CPU runs of the tiny models fast."""
+    from cua_kit.actions import tool_schema
+    from cua_kit.agent import SYSTEM_PROMPT
+
+    texts = [SYSTEM_PROMPT]
+    for tool in ("mobile_use", "computer_use"):
+        for mode in ("relative", "absolute"):
+            texts.append(json.dumps(tool_schema(tool, mode, (360, 640) if mode == "absolute" else None)))
+    return texts * 50
 
 
 def build_tokenizer(vocab_size: int):

@@ -1,0 +1,98 @@
+"""Checkpoints: atomic folders `checkpoints/checkpoint-<step>/` that a killed run resumes from exactly.
+
+A checkpoint holds the LoRA adapter in plain peft format (`adapter/`, loads with
+`PeftModel.from_pretrained`), the optimizer and scheduler (`trainer.pt`), every RNG state (`rng.pt`),
+and `state.json` (step, version, controller/data position, counters). It is written into a temporary
+folder and renamed into place, so a SIGKILL at any moment leaves either the whole checkpoint or none;
+`latest_checkpoint` ignores leftovers. The last `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: Any, trainer_state: dict[str, Any],
+                    state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write checkpoint-<step> atomically (temp folder, fsync'd files, rename) and prune old ones."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"checkpoint-{step}"
+    tmp = ckpt_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "adapter")
+    torch.save(trainer_state, tmp / "trainer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _prune(ckpt_dir, keep_last)
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in ckpt_dir.glob(".tmp-checkpoint-*"):  # from a process killed mid-write
+        if not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))
+             and (p / "state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json, trainer.pt) of a checkpoint; RNG states are restored as a side effect."""
+    path = Path(path)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{path} is not a checkpoint (no state.json); pass a checkpoints/checkpoint-<step> folder")
+    state = json.loads((path / "state.json").read_text())
+    trainer_state = torch.load(path / "trainer.pt", weights_only=False)
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return state, trainer_state

@@ -1,0 +1,63 @@
+"""Held-out evaluation: success rate of a policy on the eval split, episodes written to a trace DB.
+
+Each eval episode is one sample of one task (tasks cycle in file order, so two evals of the same config
+see the same tasks); sampling uses trainer.eval_temperature (0 = greedy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from cua_kit.agent import Agent
+from cua_kit.config import Config
+from cua_kit.envs.pool import EnvPool
+from cua_kit.inference.base import Policy
+from cua_kit.rollout.episode import Episode, run_episode
+from cua_kit.trace.rows import episode_row, turn_row
+from cua_kit.trace.store import TraceWriter
+
+
+async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, episodes: int, run_dir: Path,
+                   label: str) -> dict[str, Any]:
+    """Run `episodes` held-out episodes; returns {"episodes", "success_rate", "env_errors", "trace"}."""
+    from cua_kit.train import episode_settings, tasks_for
+
+    tasks = tasks_for(cfg, cfg.env.eval_split)
+    settings = episode_settings(cfg, temperature=cfg.trainer.eval_temperature)
+    out_dir = run_dir / "eval" / label
+    limit = asyncio.Semaphore(max(1, cfg.rollout.max_concurrent_rollouts))
+
+    async def one(i: int) -> Episode:
+        async with limit, pool.lease() as env:
+            return await run_episode(env, tasks[i % len(tasks)], agent, policy, settings, f"eval-{label}-{i:04d}",
+                                     out_dir, 0)
+
+    results = await asyncio.gather(*(one(i) for i in range(episodes)))
+    _write_trace(out_dir, f"eval-{label}", cfg, results)
+    scored = [e for e in results if e.reward is not None]
+    rate = sum(e.success for e in scored) / len(scored) if scored else 0.0
+    return {"episodes": len(scored), "success_rate": rate, "env_errors": len(results) - len(scored),
+            "trace": str(out_dir / "trace.db")}
+
+
+def _write_trace(out_dir: Path, run_id: str, cfg: Config, episodes: list[Episode]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with TraceWriter(out_dir / "trace.db", run_id) as trace:
+        trace.start_run(cfg.experiment_name, run_id, cfg.to_dict())
+        for e in episodes:
+            trace.add_episode(episode_row(e, "", cfg.env.name, None))
+            for turn in e.turns:
+                trace.add_turn(turn_row(e.episode_id, turn))
+        trace.finish_run("finished")
+
+
+def adapter_folder(checkpoint: str | Path) -> str:
+    """Accept a checkpoint folder (adapter/ inside) or an adapter folder itself."""
+    path = Path(checkpoint)
+    if (path / "adapter" / "adapter_config.json").exists():
+        return str(path / "adapter")
+    if (path / "adapter_config.json").exists():
+        return str(path)
+    raise FileNotFoundError(f"{path}: no peft adapter here (expected adapter_config.json or adapter/)")

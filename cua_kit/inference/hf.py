@@ -1,0 +1,150 @@
+"""The in-process HF backend: concurrent episodes' turns batched into one left-padded `generate` call.
+
+A queue gathers requests for up to `batch_wait_ms` or until `max_batch`; the batch runs in a worker
+thread so the event loop keeps stepping envs meanwhile. `model_lock` is shared with the trainer in the
+colocated layout: a generation never sees half-updated weights, and each completion records the version
+the weights had while it was produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cua_kit.inference.base import Completion, GenerationRequest, SamplingParams
+from cua_kit.models.inputs import Row, collate, vision_special_ids
+from cua_kit.models.loader import LoadedPolicy
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    future: asyncio.Future
+
+
+class HFPolicy:
+    """Policy protocol over a transformers model (optionally a peft LoRA model) in this process."""
+
+    def __init__(self, loaded: LoadedPolicy, max_batch: int = 8, batch_wait_ms: float = 5.0):
+        self.loaded = loaded
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.model_lock = threading.RLock()
+        self._version = 0
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self._suppress = vision_special_ids(loaded.tokenizer)
+        tok = loaded.tokenizer
+        self._eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
+        self.batch_sizes: list[int] = []  # for tests and benchmarks: how well requests were batched
+        self.busy_s = 0.0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        """Called by the trainer after an optimizer step (weights are shared in-process)."""
+        self._version = version
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        self._ensure_worker()
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(r, loop.create_future()) for r in requests]
+        for p in pending:
+            self._queue.put_nowait(p)  # type: ignore[union-attr]
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._batch_loop())
+
+    async def _batch_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            for group in _by_sampling(batch):
+                await self._run(group)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            results = await asyncio.to_thread(self.generate_sync, [p.request for p in batch])
+        except Exception as exc:  # a failed batch fails its requests, not the worker
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        for p, result in zip(batch, results):
+            if not p.future.done():
+                p.future.set_result(result)
+
+    def generate_sync(self, requests: list[GenerationRequest]) -> list[Completion]:
+        """One left-padded generate call for requests that share sampling params."""
+        sampling = requests[0].sampling
+        model, processor = self.loaded.model, self.loaded.processor
+        with self.model_lock, torch.no_grad():
+            start = time.perf_counter()
+            version = self._version
+            model.eval()
+            inputs = collate(processor, [Row(r.prompt_ids, r.images) for r in requests], self.loaded.device)
+            out = model.generate(
+                **inputs, **_sampling_kwargs(sampling), max_new_tokens=sampling.max_new_tokens,
+                suppress_tokens=self._suppress, eos_token_id=self._eos,
+                pad_token_id=self.loaded.tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True,
+            )
+            self.batch_sizes.append(len(requests))
+            self.busy_s += time.perf_counter() - start
+        width = inputs["input_ids"].shape[1]
+        new_tokens = out.sequences[:, width:]
+        # scores are the *processed* logits (temperature, top-k/top-p, suppression applied): their
+        # log-softmax is the behaviour distribution the tokens were drawn from.
+        logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+        chosen = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        return [self._completion(new_tokens[i], chosen[i], version) for i in range(len(requests))]
+
+    def _completion(self, tokens: torch.Tensor, logprobs: torch.Tensor, version: int) -> Completion:
+        ids = tokens.tolist()
+        end = next((i + 1 for i, t in enumerate(ids) if t in self._eos), None)
+        finish = "stop" if end is not None else "length"
+        ids = ids[:end] if end is not None else ids
+        text = self.loaded.tokenizer.decode(ids, skip_special_tokens=False)
+        for eos in ("<|im_end|>", "<|endoftext|>"):
+            text = text.removesuffix(eos)
+        return Completion(ids, logprobs[: len(ids)].tolist(), text, version, finish)
+
+
+def _sampling_kwargs(sampling: SamplingParams) -> dict:
+    """Explicit sampling knobs (generation_config defaults such as top_k=50 must not leak in);
+    temperature 0 means greedy (evaluation)."""
+    if sampling.temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+
+
+def _by_sampling(batch: list[_Pending]) -> list[list[_Pending]]:
+    """Requests with different sampling params can't share a generate call."""
+    groups: dict[SamplingParams, list[_Pending]] = {}
+    for p in batch:
+        groups.setdefault(p.request.sampling, []).append(p)
+    return list(groups.values())

@@ -1,0 +1,252 @@
+"""GRPO groups and the async rollout controller with staleness control (AReaL style).
+
+- A group is `n_samples` episodes of one task, run concurrently on separate envs of the pool.
+- The controller keeps up to `max_concurrent_rollouts` episodes in flight and admits a new group only
+  while AReaL's capacity rule allows it:  (max_staleness + version + 1) * batch_size - (accepted + running) > 0.
+  With max_staleness 0 that is synchronous on-policy GRPO: batch_size groups per version, all sampled
+  by that version.
+- Every turn asks the policy for the newest version when it starts (interruptible at turn boundaries).
+- Finished groups go to a buffer; the trainer takes batch_size groups at a time. A group whose oldest
+  turn is more than max_staleness versions behind is dropped and counted.
+- Groups with zero reward variance carry no gradient: kept or filtered by config, counted either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cua_kit.envs.base import Task
+from cua_kit.envs.pool import EnvPool
+from cua_kit.grpo.losses import group_advantages
+from cua_kit.inference.base import Policy
+from cua_kit.agent import Agent
+from cua_kit.rollout.episode import Episode, EpisodeSettings, TurnSample, run_episode
+
+log = logging.getLogger(__name__)
+
+
+class TaskSampler:
+    """Deterministic task order: epoch e visits every task once, shuffled with seed + e."""
+
+    def __init__(self, tasks: list[Task], seed: int = 1):
+        if not tasks:
+            raise ValueError("no tasks to sample from")
+        self.tasks, self.seed = tasks, seed
+        self.epoch, self.index = 0, 0
+
+    def next(self) -> tuple[Task, int]:
+        """(task, epoch) of the next draw."""
+        order = list(range(len(self.tasks)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        task, epoch = self.tasks[order[self.index]], self.epoch
+        self.index += 1
+        if self.index == len(self.tasks):
+            self.epoch, self.index = self.epoch + 1, 0
+        return task, epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+@dataclass
+class Group:
+    group_id: str
+    task: Task
+    epoch: int
+    episodes: list[Episode]
+    advantages: list[float]  # one per valid (non env-error) episode, in order
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def valid(self) -> list[Episode]:
+        return [e for e in self.episodes if e.reward is not None]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [e.reward for e in self.valid]  # type: ignore[misc]
+
+    @property
+    def min_version(self) -> int:
+        return min(v for e in self.valid for v in e.versions) if any(e.turns for e in self.valid) else 0
+
+    @property
+    def zero_variance(self) -> bool:
+        return len(set(self.rewards)) <= 1
+
+    def samples(self) -> list[tuple[TurnSample, float]]:
+        """Every turn of every valid episode, carrying its episode's advantage."""
+        return [(t.sample, adv) for e, adv in zip(self.valid, self.advantages) for t in e.turns]
+
+
+@dataclass
+class RolloutStats:
+    groups_accepted: int = 0
+    groups_dropped_stale: int = 0
+    groups_zero_variance: int = 0
+    groups_filtered: int = 0
+    groups_env_failed: int = 0
+    episodes: int = 0
+    env_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ControllerSettings:
+    n_samples: int = 4
+    batch_size: int = 2
+    max_concurrent_rollouts: int = 8
+    max_staleness: int = 1
+    filter_zero_variance: bool = False
+    adv_mode: str = "std"
+
+
+class RolloutController:
+    """Runs groups in the background and hands finished ones to the trainer, within the staleness bound."""
+
+    def __init__(self, policy: Policy, pool: EnvPool, agent: Agent, sampler: TaskSampler,
+                 settings: ControllerSettings, episode_settings: EpisodeSettings, run_dir: Path | None = None,
+                 on_group: Callable[[Group], None] | None = None, run_id: str = "run"):
+        self.policy, self.pool, self.agent, self.sampler = policy, pool, agent, sampler
+        self.s, self.episode_settings, self.run_dir = settings, episode_settings, run_dir
+        self.on_group, self.run_id = on_group, run_id
+        self.stats = RolloutStats()
+        self.buffer: list[Group] = []
+        self.pending: dict[str, tuple[Task, int]] = {}  # admitted, not yet consumed: replayed on resume
+        self.replay: list[tuple[Task, int]] = []
+        self.group_seq = 0
+        self._running: set[asyncio.Task] = set()
+        self._accepted_base = 0
+        self._cond: asyncio.Condition | None = None
+        self._admitter: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._cond = asyncio.Condition()
+        # groups consumed before a resume count as accepted, so the capacity rule starts where it was
+        self._accepted_base = self.policy.version * self.s.batch_size
+        self._admitter = asyncio.create_task(self._admit_loop())
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._admitter, *self._running] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._running.clear()
+
+    async def notify_version(self) -> None:
+        """The trainer bumped the version: capacity grows, admission may resume."""
+        async with self._cond:  # type: ignore[union-attr]
+            self._cond.notify_all()  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ admission
+    def capacity(self) -> int:
+        """AReaL: (max_staleness + version + 1) * batch_size - (accepted + running)."""
+        accepted = self._accepted_base + self.stats.groups_accepted
+        return (self.s.max_staleness + self.policy.version + 1) * self.s.batch_size - (accepted + len(self._running))
+
+    def _can_admit(self) -> bool:
+        max_groups = max(1, self.s.max_concurrent_rollouts // self.s.n_samples)
+        return self.capacity() > 0 and len(self._running) < max_groups
+
+    async def _admit_loop(self) -> None:
+        assert self._cond is not None
+        while True:
+            async with self._cond:
+                await self._cond.wait_for(self._can_admit)
+                task, epoch = self.replay.pop(0) if self.replay else self.sampler.next()
+                group_id = f"{self.run_id}-g{self.group_seq:06d}"
+                self.group_seq += 1
+                self.pending[group_id] = (task, epoch)
+                job = asyncio.create_task(self._run_group(group_id, task, epoch))
+                self._running.add(job)
+                job.add_done_callback(self._running.discard)
+
+    async def _run_group(self, group_id: str, task: Task, epoch: int) -> None:
+        try:
+            episodes = await asyncio.gather(*(self._run_one(group_id, task, i) for i in range(self.s.n_samples)))
+            group = self._make_group(group_id, task, epoch, list(episodes))
+            await self._accept(group)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in a group must not silently stall admission
+            log.exception("group %s failed", group_id)
+            self.pending.pop(group_id, None)
+        finally:
+            async with self._cond:  # type: ignore[union-attr]
+                self._cond.notify_all()  # type: ignore[union-attr]
+
+    async def _run_one(self, group_id: str, task: Task, idx: int) -> Episode:
+        async with self.pool.lease() as env:
+            return await run_episode(env, task, self.agent, self.policy, self.episode_settings,
+                                     f"{group_id}-s{idx}", self.run_dir, idx)
+
+    def _make_group(self, group_id: str, task: Task, epoch: int, episodes: list[Episode]) -> Group:
+        valid = [e for e in episodes if e.reward is not None]
+        self.stats.episodes += len(episodes)
+        self.stats.env_errors += len(episodes) - len(valid)
+        advantages: list[float] = []
+        if len(valid) >= 2:
+            rewards = torch.tensor([e.reward for e in valid], dtype=torch.float32)
+            advantages = group_advantages(rewards, mode=self.s.adv_mode).tolist()
+        return Group(group_id, task, epoch, episodes, advantages)
+
+    async def _accept(self, group: Group) -> None:
+        if self.on_group is not None:
+            self.on_group(group)  # trace rows for every group, kept or not
+        if len(group.valid) < 2:  # advantages need at least two scored samples
+            self.stats.groups_env_failed += 1
+            self.pending.pop(group.group_id, None)
+            self.replay.append((group.task, group.epoch))  # the task is retried, not lost
+            return
+        if group.zero_variance:
+            self.stats.groups_zero_variance += 1
+            if self.s.filter_zero_variance:
+                self.stats.groups_filtered += 1
+                self.pending.pop(group.group_id, None)
+                return
+        self.stats.groups_accepted += 1
+        self.buffer.append(group)
+
+    # ------------------------------------------------------------------ consumption
+    async def get_batch(self) -> list[Group]:
+        """The next batch_size groups within the staleness bound (stale ones are dropped and counted)."""
+        assert self._cond is not None
+        batch: list[Group] = []
+        while len(batch) < self.s.batch_size:
+            async with self._cond:
+                await self._cond.wait_for(lambda: bool(self.buffer))
+                group = self.buffer.pop(0)
+                if self.policy.version - group.min_version > self.s.max_staleness:
+                    self.stats.groups_dropped_stale += 1
+                    self.stats.groups_accepted -= 1  # it frees its slot under the capacity rule
+                    self.pending.pop(group.group_id, None)
+                    self._cond.notify_all()
+                    continue
+            batch.append(group)
+        for group in batch:
+            self.pending.pop(group.group_id, None)
+        return batch
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Data position: the sampler, plus tasks admitted but not consumed (re-run first on resume)."""
+        replay = [(t.to_dict(), e) for t, e in list(self.pending.values()) + self.replay]
+        return {"sampler": self.sampler.state_dict(), "replay": replay, "group_seq": self.group_seq}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.replay = [(Task.from_dict(t), e) for t, e in state["replay"]]
+        self.group_seq = state["group_seq"]

@@ -1,0 +1,297 @@
+"""The GRPO training recipe: controller + trainer + checkpoints + logs, wired from a Config.
+
+    cfg = load_config("configs/quickstart.yaml", ["trainer.max_steps=5"])
+    summary = train(cfg)
+
+Layout (colocated, single process): the rollout controller runs episodes on the event loop while the
+update runs in a worker thread holding the model lock; after each optimizer step the policy version is
+bumped and the next turn of every episode uses the new weights (same model object, in-process).
+Outputs go to outputs/<experiment>/<trial>/: config.yaml, trace.db, screens/, checkpoints/, tb/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cua_kit.agent import Agent
+from cua_kit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cua_kit.config import Config, ConfigError, save_config
+from cua_kit.envs import env_class, load_tasks, make_env
+from cua_kit.envs.base import Task
+from cua_kit.envs.pool import EnvPool, LatencyEnv
+from cua_kit.grpo.trainer import GRPOTrainer, Sample
+from cua_kit.inference.base import SamplingParams
+from cua_kit.inference.hf import HFPolicy
+from cua_kit.logs import MetricsLogger, group_line, step_line
+from cua_kit.models.loader import LoadedPolicy, load_policy
+from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
+from cua_kit.rollout.episode import EpisodeSettings
+from cua_kit.trace.rows import mark_consumed, write_group
+from cua_kit.trace.store import TraceWriter
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- building blocks
+def tasks_for(cfg: Config, split: str) -> list[Task]:
+    tasks = load_tasks(cfg.env.task_file, split=split, env=cfg.env.name)
+    if cfg.env.task_filter:
+        tasks = [t for t in tasks if t.id.startswith(tuple(cfg.env.task_filter))]
+    if not tasks:
+        raise ConfigError(f"env.task_filter={cfg.env.task_filter} keeps no {split} task of {cfg.env.task_file}")
+    return tasks
+
+
+def make_pool(cfg: Config) -> EnvPool:
+    env_class(cfg.env.name)  # an unknown env name fails here, before anything starts
+
+    def factory():
+        env = make_env(cfg.env.name, **cfg.env.options)
+        return LatencyEnv(env, cfg.env.step_latency_s, 0.0) if cfg.env.step_latency_s > 0 else env
+
+    size = cfg.env.pool_size or cfg.rollout.max_concurrent_rollouts
+    return EnvPool(factory, size, step_timeout=cfg.env.step_timeout_s, reset_timeout=cfg.env.reset_timeout_s)
+
+
+def make_agent(cfg: Config, processor: Any) -> Agent:
+    return Agent(processor, env_class(cfg.env.name).tool, cfg.model.coord_mode, cfg.rollout.history_images,
+                 cfg.rollout.max_pixels)
+
+
+def episode_settings(cfg: Config, temperature: float | None = None) -> EpisodeSettings:
+    r = cfg.rollout
+    sampling = SamplingParams(r.temperature if temperature is None else temperature, r.top_p, r.top_k, r.max_new_tokens)
+    return EpisodeSettings(sampling, r.max_turns, r.format_penalty)
+
+
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """recover.mode: auto = latest if any; resume = required (ckpt_path or latest); off = none."""
+    mode, explicit = cfg.recover.mode, cfg.recover.ckpt_path
+    if mode == "off":
+        return None
+    if explicit:
+        return Path(explicit)
+    latest = latest_checkpoint(cfg.run_dir / "checkpoints")
+    if latest is None and mode == "resume":
+        raise ConfigError(f"recover.mode=resume but {cfg.run_dir / 'checkpoints'} has no checkpoint; "
+                          "use recover.mode=auto to start fresh, or set recover.ckpt_path")
+    return latest
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    epoch_episodes: int = 0
+    started: float = 0.0
+
+
+# ----------------------------------------------------------------------------- the loop
+class TrainingRun:
+    """One `cua-kit train` run; `await run.main()` trains until max_steps or a stop signal."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir)
+        self.resume_from = resume_checkpoint(cfg)
+        adapter = str(self.resume_from / "adapter") if self.resume_from else (cfg.model.adapter_path or None)
+        _seed_everything(cfg.trainer.seed)
+        self.loaded: LoadedPolicy = load_policy(cfg.model, cfg.lora, adapter_path=adapter)
+        self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms)
+        self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
+        self.train_tasks = tasks_for(cfg, cfg.env.train_split)
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_tasks) / cfg.trainer.batch_size))
+        self.run_id = f"{cfg.experiment_name}-{cfg.trial_name}"
+        self.trace = TraceWriter(self.run_dir / "trace.db", self.run_id)
+        self.state = RunState()
+        self.stop_requested = asyncio.Event()
+
+    def _controller(self, pool: EnvPool) -> RolloutController:
+        c = self.cfg
+        settings = ControllerSettings(c.rollout.n_samples, c.trainer.batch_size, c.rollout.max_concurrent_rollouts,
+                                      c.rollout.max_staleness, c.rollout.filter_zero_variance, c.grpo.adv_mode)
+        return RolloutController(self.policy, pool, make_agent(c, self.loaded.processor),
+                                 TaskSampler(self.train_tasks, c.trainer.seed), settings, episode_settings(c),
+                                 self.run_dir, on_group=lambda g: write_group(self.trace, g, c.env.name),
+                                 run_id=self.run_id)
+
+    def _restore(self, controller: RolloutController) -> None:
+        if self.resume_from is None:
+            return
+        state, trainer_state = load_checkpoint(self.resume_from)
+        self.trainer.load_state_dict(trainer_state)
+        self.policy.set_version(self.trainer.version)
+        controller.load_state_dict(state["controller"])
+        self.state.step = state["step"]
+        print(f"Resumed from {self.resume_from} at step {self.state.step} (version {self.trainer.version})", flush=True)
+
+    async def main(self) -> dict[str, Any]:
+        cfg = self.cfg
+        pool = make_pool(cfg)
+        controller = self._controller(pool)
+        self._restore(controller)
+        # rows written after the checkpoint by a killed run are dropped: the resumed run writes them again
+        self.trace.delete_steps_after(self.state.step)
+        self.trace.start_run(cfg.experiment_name, cfg.trial_name, cfg.to_dict(), os.getpid())
+        metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project,
+                                self.run_id, cfg.to_dict(), resume_id=self.run_id)
+        self._install_signals()
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "status": "running"}
+        try:
+            if cfg.trainer.eval_episodes and self.state.step == 0:
+                summary["eval_before"] = await self._evaluate(pool, "before")
+            await controller.start()
+            status = await self._loop(controller, metrics)
+            await controller.stop()
+            if status == "finished" and cfg.trainer.eval_episodes:
+                summary["eval_after"] = await self._evaluate(pool, "after")
+            summary["status"] = status
+        except BaseException:
+            summary["status"] = "failed"
+            raise
+        finally:
+            await controller.stop()
+            await self.policy.close()
+            await pool.close()
+            metrics.close()
+            self.trace.finish_run(summary["status"])
+            self.trace.close()
+        summary.update(step=self.state.step, rollout=controller.stats.as_dict())
+        return summary
+
+    async def _loop(self, controller: RolloutController, metrics: MetricsLogger) -> str:
+        cfg = self.cfg
+        self.state.started = time.time()
+        episodes_at_start = controller.stats.episodes
+        last_saved = self.state.step
+        while self.state.step < cfg.trainer.max_steps:
+            batch = await self._next_batch(controller)
+            if batch is None:
+                break
+            step = self.state.step + 1
+            consumed_version = self.trainer.version
+            samples = [Sample(turn, adv) for g in batch for turn, adv in g.samples()]
+            stats = await asyncio.to_thread(self.trainer.update, samples)
+            self.policy.set_version(self.trainer.version)
+            await controller.notify_version()
+            self.state.step = step
+            hours = max(time.time() - self.state.started, 1e-6) / 3600
+            row = self._step_metrics(batch, stats, controller, consumed_version,
+                                     (controller.stats.episodes - episodes_at_start) / hours)
+            self._report(step, batch, row, metrics)
+            mark_consumed(self.trace, batch, step, consumed_version)
+            if self._should_save(step):
+                self._save(controller)
+                last_saved = step
+        if self.state.step != last_saved:
+            self._save(controller)
+        return "stopped" if self.stop_requested.is_set() and self.state.step < cfg.trainer.max_steps else "finished"
+
+    async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
+        """The next batch, or None when a stop was requested first."""
+        getter = asyncio.ensure_future(controller.get_batch())
+        stopper = asyncio.ensure_future(self.stop_requested.wait())
+        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if getter in done and not self.stop_requested.is_set():
+            return getter.result()
+        getter.cancel()
+        return None
+
+    def _step_metrics(self, batch: list[Group], stats: dict[str, float], controller: RolloutController,
+                      version: int, episodes_per_hour: float) -> dict[str, float]:
+        rewards = [r for g in batch for r in g.rewards]
+        stale = [version - v for g in batch for e in g.valid for v in e.versions]
+        rs = controller.stats
+        return {
+            "version": self.trainer.version, "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
+            "success_rate": float(np.mean([e.success for g in batch for e in g.valid])) if rewards else 0.0,
+            "pg_loss": stats.get("pg_loss", 0.0), "kl": stats.get("kl", 0.0), "entropy": stats.get("entropy", 0.0),
+            "lr": stats["lr"], "grad_norm": stats["grad_norm"], "clip_frac": stats.get("clip_frac", 0.0),
+            "staleness_mean": float(np.mean(stale)) if stale else 0.0, "staleness_max": max(stale, default=0),
+            "episodes_per_hour": episodes_per_hour, "n_groups": len(batch), "n_dropped_stale": rs.groups_dropped_stale,
+            "n_zero_variance": rs.groups_zero_variance, "n_env_errors": rs.env_errors,
+            "n_samples": stats["n_samples"], "update_s": stats["update_s"],
+            "turns_per_episode": float(np.mean([len(e.turns) for g in batch for e in g.valid])) if rewards else 0.0,
+        }
+
+    def _report(self, step: int, batch: list[Group], row: dict[str, float], metrics: MetricsLogger) -> None:
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        epoch_step = (step - 1) % self.steps_per_epoch + 1
+        print(step_line(step, self.cfg.trainer.max_steps, epoch, epoch_step, self.steps_per_epoch, row), flush=True)
+        if self.cfg.logging.verbose:
+            for i, group in enumerate(batch):
+                print(group_line(i, group.rewards), flush=True)
+        metrics.log(step, row)
+        known = {"version", "reward_mean", "success_rate", "pg_loss", "kl", "entropy", "lr", "grad_norm",
+                 "staleness_mean", "staleness_max", "episodes_per_hour", "n_groups", "n_dropped_stale",
+                 "n_zero_variance", "n_env_errors"}
+        self.trace.add_step({"step": step, "epoch": epoch, **{k: v for k, v in row.items() if k in known},
+                             "extra_json": {k: v for k, v in row.items() if k not in known}})
+
+    def _should_save(self, step: int) -> bool:
+        s = self.cfg.saver
+        epoch_end = step % self.steps_per_epoch == 0 and s.freq_epochs > 0 and (step // self.steps_per_epoch) % s.freq_epochs == 0
+        return (s.freq_steps > 0 and step % s.freq_steps == 0) or epoch_end
+
+    def _save(self, controller: RolloutController) -> None:
+        self.trace.flush()  # the steps rows a checkpoint vouches for are on disk before it exists
+        with self.policy.model_lock:
+            path = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.loaded.model,
+                                   self.trainer.state_dict(), {"version": self.trainer.version,
+                                                               "controller": controller.state_dict()},
+                                   self.cfg.saver.keep_last)
+        log.info("saved %s", path)
+
+    async def _evaluate(self, pool: EnvPool, label: str) -> dict[str, float]:
+        from cua_kit.evaluate import run_eval
+
+        result = await run_eval(self.cfg, self.policy, pool, make_agent(self.cfg, self.loaded.processor),
+                                self.cfg.trainer.eval_episodes, self.run_dir, label)
+        print(f"[Eval {label}] held-out success: {100 * result['success_rate']:.1f}% "
+              f"over {result['episodes']} episodes", flush=True)
+        return result
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.stop_requested.is_set():  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        print(f"Received {signal.Signals(sig).name}: saving a checkpoint and stopping after this step", flush=True)
+        self.stop_requested.set()
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run GRPO training to completion (or until SIGTERM); returns a summary dict."""
+    return asyncio.run(TrainingRun(cfg).main())
+
+
+if __name__ == "__main__":  # python -m cua_kit.train CONFIG [overrides]
+    from cua_kit.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
