@@ -1,0 +1,132 @@
+"""Benchmark: MiniWoB++ throughput in real headless Chromium, N envs at once on one shared browser.
+
+Each env runs oracle episodes back to back (reset, oracle steps until done) for `--seconds`. steps/s
+counts `env.step` calls over the wall time with resets and oracle look-ups included (what a rollout
+with an instant policy sees); each step includes its 320x420 PNG screenshot. steps per CPU-second
+(Python + Playwright driver + Chromium, all processes) is also given: it is what the env costs, and
+it is less disturbed by other work on a shared machine (2 cores x steps/cpu-s = the ceiling there). The goal on the 2-core dev
+machine: >= 50 steps/s with 8 envs. use-autocomplete is left out: its oracle sleeps 0.4 s for the
+page's suggestion delay, which measures the page, not the env. Prints a table and writes JSON:
+
+    python bench/env_miniwob.py [--envs 1,8] [--episodes-per-task 1,8] [--seconds 20]
+                                [--out bench/results/env_miniwob.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from cua_kit.envs.base import Task
+from cua_kit.envs.miniwob import ORACLES, MiniWobBrowser, MiniWobEnv, descendant_pids, process_group_pids
+
+BENCH_TASKS = sorted(set(ORACLES) - {"use-autocomplete"})
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size of these processes in MiB: shared pages split, so the sum is honest."""
+    total_kb = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            pass
+    return total_kb / 1024
+
+
+def cpu_seconds_of_tree() -> float:
+    """CPU time (user+system) of this process and every live descendant (driver, Chromium)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for pid in descendant_pids(os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+async def worker(env: MiniWobEnv, index: int, deadline: float, per_task: int, stats: dict) -> None:
+    """Oracle episodes until the deadline, `per_task` seeds of a task before the next task (a new
+    task reloads the page, ~170 ms CPU); appends per-call latencies and outcomes to `stats`."""
+    episode = 0
+    while time.perf_counter() < deadline:
+        name = BENCH_TASKS[(index + episode // per_task) % len(BENCH_TASKS)]
+        task = Task(id=f"{name}-{index}-{episode}", env="miniwob", params={"task": name, "seed": episode})
+        t0 = time.perf_counter()
+        await env.reset(task)
+        stats["reset_s"].append(time.perf_counter() - t0)
+        for _ in range(12):
+            action = await env.oracle_action()
+            t0 = time.perf_counter()
+            done = (await env.step(action)).done
+            stats["step_s"].append(time.perf_counter() - t0)
+            if done:
+                break
+        stats["success"].append(await env.evaluate() > 0)
+        episode += 1
+
+
+async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | None) -> dict:
+    browser = MiniWobBrowser(chromium_path)
+    envs = [MiniWobEnv(browser=browser) for _ in range(n_envs)]
+    try:
+        # Warm up: start the browser and load a page in every env before the clock starts.
+        await asyncio.gather(*(env.reset(Task(id="warm", env="miniwob", params={"task": "click-test"}))
+                               for env in envs))
+        stats: dict[str, list] = {"reset_s": [], "step_s": [], "success": []}
+        start, cpu_start = time.perf_counter(), cpu_seconds_of_tree()
+        await asyncio.gather(*(worker(env, i, start + seconds, per_task, stats) for i, env in enumerate(envs)))
+        wall, cpu = time.perf_counter() - start, cpu_seconds_of_tree() - cpu_start
+        memory = pss_mb(process_group_pids(browser.pid)) if browser.pid else float("nan")
+    finally:
+        for env in envs:
+            await env.close()
+        await browser.close()
+    steps, step_ms = len(stats["step_s"]), sorted(1000 * s for s in stats["step_s"])
+    return {"envs": n_envs, "episodes_per_task": per_task, "wall_s": wall, "steps": steps, "episodes": len(stats["success"]),
+            "steps_per_s": steps / wall, "resets_per_s": len(stats["reset_s"]) / wall,
+            "success_rate": sum(stats["success"]) / max(1, len(stats["success"])),
+            "step_ms_p50": statistics.median(step_ms), "step_ms_p95": step_ms[int(0.95 * (steps - 1))],
+            "reset_ms_p50": 1000 * statistics.median(stats["reset_s"]),
+            "cpu_s": cpu, "steps_per_cpu_s": steps / cpu, "chromium_pss_mb": memory}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'envs':>4} {'ep/task':>7} {'steps':>6} {'steps/s':>8} {'resets/s':>8} {'success':>7} {'step p50':>8} "
+          f"{'step p95':>8} {'reset p50':>9} {'st/cpu-s':>8} {'Chromium PSS MiB':>16}")
+    for r in rows:
+        print(f"{r['envs']:>4} {r['episodes_per_task']:>7} {r['steps']:>6} {r['steps_per_s']:>8.1f} {r['resets_per_s']:>8.1f} "
+              f"{r['success_rate']:>7.2f} {r['step_ms_p50']:>8.1f} {r['step_ms_p95']:>8.1f} "
+              f"{r['reset_ms_p50']:>9.1f} {r['steps_per_cpu_s']:>8.1f} {r['chromium_pss_mb']:>16.0f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", default="1,8", help="comma-separated env counts to measure")
+    parser.add_argument("--episodes-per-task", default="1,8",
+                        help="comma-separated: episodes of one task before switching (1 = reload every reset)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per env count")
+    parser.add_argument("--chromium", default=None, help="Chromium binary (default: Debian's)")
+    parser.add_argument("--out", default="bench/results/env_miniwob.json")
+    args = parser.parse_args()
+    rows = [asyncio.run(run(int(n), int(k), args.seconds, args.chromium))
+            for n in args.envs.split(",") for k in args.episodes_per_task.split(",")]
+    print_table(rows)
+    load = os.getloadavg()[0]
+    meta = {"machine": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cores_visible": os.cpu_count(), "load_avg_1min": load, "tasks": BENCH_TASKS,
+            "screenshot_px": [320, 420], "python": platform.python_version()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    print(f"wrote {out}  (load average {load:.2f})")
