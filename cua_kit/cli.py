@@ -144,4 +144,8 @@ def _register_feature_commands() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as `python -m cua_kit.cli`: this module is __main__, but feature modules register their commands
+    # on `cua_kit.cli`, so dispatch through that one
+    from cua_kit import cli
+
+    sys.exit(cli.main())
