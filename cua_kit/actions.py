@@ -502,6 +502,19 @@ def _schema_params(tool: str, actions: dict[str, str]) -> dict[str, Any]:
     return {"properties": props, "required": ["action"], "type": "object"}
 
 
+def compact_tool_schema(tool: str, coord_mode: str, screen_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The same tool in ~60 tokens: the action names and the coordinate rule, no per-field prose.
+
+    For small models trained from scratch (the tiny/small builtins), where the full description is
+    ~800 tokens of every prompt and teaches nothing; a real Qwen3-VL should get `tool_schema`.
+    """
+    _check_tool(tool)
+    _check_mode(coord_mode)
+    actions = _MOBILE_ACTIONS if tool == "mobile_use" else _COMPUTER_ACTIONS
+    return {"type": "function", "function": {"name": tool, "description": _coordinate_text(coord_mode, screen_size),
+                                             "parameters": {"properties": {"action": {"enum": list(actions)}}}}}
+
+
 def tool_schema(tool: str, coord_mode: str, screen_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """The JSON function description of `tool` for the system prompt's <tools> block (Qwen's style).
 

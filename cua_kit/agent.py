@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from cua_kit.actions import Action, InvalidAction, format_action, parse_action, tool_schema
+from cua_kit.actions import Action, InvalidAction, compact_tool_schema, format_action, parse_action, tool_schema
 from cua_kit.models.inputs import resize_for_model
 
 SYSTEM_PROMPT = (
@@ -47,13 +47,15 @@ class Agent:
     """Builds prompts and parses completions for one tool and coordinate convention."""
 
     def __init__(self, processor: Any, tool: str = "mobile_use", coord_mode: str = "relative",
-                 history_images: int = 2, max_pixels: int = 401408, system_prompt: str = SYSTEM_PROMPT):
+                 history_images: int = 2, max_pixels: int = 401408, system_prompt: str = SYSTEM_PROMPT,
+                 tool_description: str = "full"):
         self.processor = processor
         self.tool = tool
         self.coord_mode = coord_mode
         self.history_images = max(1, history_images)
         self.max_pixels = max_pixels
         self.system_prompt = system_prompt
+        self.schema = {"full": tool_schema, "compact": compact_tool_schema}[tool_description]
 
     def messages(self, history: History) -> list[dict[str, Any]]:
         """Chat messages in the Qwen-VL content-list form (images as {"type": "image"})."""
@@ -70,7 +72,7 @@ class Agent:
     def build(self, history: History) -> Prompt:
         images = [resize_for_model(im, self.processor, self.max_pixels) for im in history.screens[-self.history_images:]]
         current = images[-1].size
-        tools = [tool_schema(self.tool, self.coord_mode, current if self.coord_mode == "absolute" else None)]
+        tools = [self.schema(self.tool, self.coord_mode, current if self.coord_mode == "absolute" else None)]
         text = self.processor.apply_chat_template(self.messages(history), tools=tools, add_generation_prompt=True,
                                                   tokenize=False)
         out = self.processor(text=[text], images=images, do_resize=False, return_tensors="pt")

@@ -110,6 +110,8 @@ class RolloutConfig:
     """Screenshots kept as images in the prompt (older turns become text lines)."""
     max_pixels: int = 401408
     """Pixel cap per prompt image (resized keeping aspect ratio); 401408 = 512 image tokens."""
+    tool_description: Literal["full", "compact"] = "full"
+    """Tool description in the system prompt: full (what Qwen3-VL knows) or compact (~60 tokens, tiny models)."""
     max_concurrent_rollouts: int = 8
     """Episodes in flight at once (concurrent envs/boxes)."""
     max_staleness: int = 1
@@ -170,6 +172,8 @@ class TrainerConfig:
     """Held-out episodes run before training and at the end (0 = no eval); success is printed and traced."""
     eval_temperature: float = 0.0
     """Sampling temperature for eval (0 = greedy)."""
+    eval_every: int = 0
+    """Also run the held-out eval every N steps (0 = only before and after); the learning curve."""
 
 
 @dataclass

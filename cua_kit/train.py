@@ -12,13 +12,13 @@ Outputs go to outputs/<experiment>/<trial>/: config.yaml, trace.db, screens/, ch
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
 import signal
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,9 @@ def make_pool(cfg: Config) -> EnvPool:
 
 
 def make_agent(cfg: Config, processor: Any) -> Agent:
-    return Agent(processor, env_class(cfg.env.name).tool, cfg.model.coord_mode, cfg.rollout.history_images,
-                 cfg.rollout.max_pixels)
+    r = cfg.rollout
+    return Agent(processor, env_class(cfg.env.name).tool, cfg.model.coord_mode, r.history_images, r.max_pixels,
+                 tool_description=r.tool_description)
 
 
 def episode_settings(cfg: Config, temperature: float | None = None) -> EpisodeSettings:
@@ -94,7 +95,6 @@ def resume_checkpoint(cfg: Config) -> Path | None:
 @dataclass
 class RunState:
     step: int = 0
-    epoch_episodes: int = 0
     started: float = 0.0
 
 
@@ -103,6 +103,9 @@ class TrainingRun:
     """One `cua-kit train` run; `await run.main()` trains until max_steps or a stop signal."""
 
     def __init__(self, cfg: Config):
+        if cfg.rollout.backend != "hf":
+            raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not available yet: the vLLM server backend "
+                              "is a later issue; use rollout.backend=hf")
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,11 +157,13 @@ class TrainingRun:
         try:
             if cfg.trainer.eval_episodes and self.state.step == 0:
                 summary["eval_before"] = await self._evaluate(pool, "before")
+                metrics.log(0, {"success_rate": summary["eval_before"]["success_rate"]}, prefix="eval/")
             await controller.start()
             status = await self._loop(controller, metrics)
             await controller.stop()
             if status == "finished" and cfg.trainer.eval_episodes:
                 summary["eval_after"] = await self._evaluate(pool, "after")
+                metrics.log(self.state.step, {"success_rate": summary["eval_after"]["success_rate"]}, prefix="eval/")
             summary["status"] = status
         except BaseException:
             summary["status"] = "failed"
@@ -194,6 +199,10 @@ class TrainingRun:
                                      (controller.stats.episodes - episodes_at_start) / hours)
             self._report(step, batch, row, metrics)
             mark_consumed(self.trace, batch, step, consumed_version)
+            every = cfg.trainer.eval_every
+            if every and cfg.trainer.eval_episodes and step % every == 0 and step < cfg.trainer.max_steps:
+                result = await self._evaluate(controller.pool, f"step{step}")
+                metrics.log(step, {"success_rate": result["success_rate"]}, prefix="eval/")
             if self._should_save(step):
                 self._save(controller)
                 last_saved = step
@@ -264,6 +273,9 @@ class TrainingRun:
                                 self.cfg.trainer.eval_episodes, self.run_dir, label)
         print(f"[Eval {label}] held-out success: {100 * result['success_rate']:.1f}% "
               f"over {result['episodes']} episodes", flush=True)
+        with open(self.run_dir / "eval" / "curve.jsonl", "a") as f:  # the learning curve, one line per eval
+            f.write(json.dumps({"label": label, "step": self.state.step, "time": time.time(),
+                                "success_rate": result["success_rate"], "episodes": result["episodes"]}) + "\n")
         return result
 
     def _install_signals(self) -> None:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,8 +147,9 @@ def test_builtin_model_is_built_once_into_the_cache(tmp_path):
 
     cfg = ModelConfig(name="builtin:qwen3_vl-tiny", cache_dir=str(tmp_path))
     first = resolve_model_path(cfg)
-    mtime = (tmp_path / "qwen3_vl-tiny" / "config.json").stat().st_mtime
-    assert resolve_model_path(cfg) == first and (tmp_path / "qwen3_vl-tiny" / "config.json").stat().st_mtime == mtime
+    config = Path(first) / "config.json"
+    mtime = config.stat().st_mtime
+    assert Path(first).parent == tmp_path and resolve_model_path(cfg) == first and config.stat().st_mtime == mtime
     with pytest.raises(ValueError, match="builtin:<qwen3_vl|qwen2_5_vl>"):
         resolve_model_path(ModelConfig(name="builtin:llama-tiny", cache_dir=str(tmp_path)))
 

@@ -124,10 +124,10 @@ def test_task_file_matches_the_generator_and_splits_are_disjoint():
     tasks = load_tasks(DATA)
     assert [t.to_dict() for t in tasks] == [t.to_dict() for t in default_task_set()]
     train, evals = load_tasks(DATA, split="train"), load_tasks(DATA, split="eval")
-    assert len(train) == 200 and len(evals) == 50
+    assert len(train) == 800 and len(evals) == 200
     seeds = lambda ts: {(t.params["level"], t.params["seed"]) for t in ts}  # noqa: E731
     assert not seeds(train) & seeds(evals)
-    assert len({t.id for t in tasks}) == 250 and {t.params["level"] for t in evals} == set(LEVELS)
+    assert len({t.id for t in tasks}) == 1000 and {t.params["level"] for t in evals} == set(LEVELS)
 
 
 def test_bad_input_fails_with_a_clear_message():

@@ -222,11 +222,11 @@ def synth_tasks(level: int, n: int, split: str = "train", seed0: int | None = No
             for seed in range(start, start + n)]
 
 
-TASK_FILE_COUNTS = {"train": (50, 50, 50, 50), "eval": (13, 13, 12, 12)}  # per level 0..3
+TASK_FILE_COUNTS = {"train": (200, 200, 200, 200), "eval": (50, 50, 50, 50)}  # per level 0..3
 
 
 def default_task_set() -> list[Task]:
-    """The tasks of data/synth_tasks.jsonl: 200 train + 50 eval over the 4 levels, disjoint seeds.
+    """The tasks of data/synth_tasks.jsonl: 800 train + 200 eval over the 4 levels, disjoint seeds.
 
     Regenerate the file with: python -m cua_kit.envs.synth > data/synth_tasks.jsonl
     """

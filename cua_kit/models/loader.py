@@ -62,7 +62,9 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     arch, _, size = spec.rpartition("-")
     if arch not in ("qwen3_vl", "qwen2_5_vl") or size not in ("tiny", "small"):
         raise ValueError(f"model.name={cfg.name!r}: builtin models are builtin:<qwen3_vl|qwen2_5_vl>-<tiny|small>")
-    folder = Path(cfg.cache_dir).expanduser() / spec
+    from cua_kit.models.tiny import BUILDER_VERSION
+
+    folder = Path(cfg.cache_dir).expanduser() / f"{spec}-v{BUILDER_VERSION}"
     if not (folder / "config.json").exists():
         from cua_kit.models.tiny import make_tiny_model
 

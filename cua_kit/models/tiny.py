@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 Arch = Literal["qwen3_vl", "qwen2_5_vl"]
+# Bumped whenever the builder's output changes (tokenizer corpus, sizes): builtin caches are per version.
+BUILDER_VERSION = 2
 Size = Literal["tiny", "small"]
 
 # Qwen2/2.5/3's special tokens, in their real order (ids follow the BPE vocab here, not 151643+).
@@ -108,13 +110,14 @@ def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
 def _prompt_texts() -> list[str]:
     """The kit's own system prompt and tool descriptions, so they tokenize compactly (as English does
     with a real Qwen tokenizer): a short prompt keeps CPU runs of the tiny models fast."""
-    from cua_kit.actions import tool_schema
+    from cua_kit.actions import compact_tool_schema, tool_schema
     from cua_kit.agent import SYSTEM_PROMPT
 
     texts = [SYSTEM_PROMPT]
     for tool in ("mobile_use", "computer_use"):
         for mode in ("relative", "absolute"):
-            texts.append(json.dumps(tool_schema(tool, mode, (360, 640) if mode == "absolute" else None)))
+            for schema in (tool_schema, compact_tool_schema):
+                texts.append(json.dumps(schema(tool, mode, (360, 640) if mode == "absolute" else None)))
     return texts * 50
 
 

@@ -185,6 +185,9 @@ class RolloutController:
             log.exception("group %s failed", group_id)
             self.pending.pop(group_id, None)
         finally:
+            # leave the running set before waking the admitter: the done-callback that also discards
+            # this task runs only after the admitter has re-checked, which would then see no free slot
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             async with self._cond:  # type: ignore[union-attr]
                 self._cond.notify_all()  # type: ignore[union-attr]
 

@@ -1,0 +1,171 @@
+"""The GRPO update on the real tiny Qwen3-VL: ratio/KL at a fresh sample, the direction of one update,
+garbage completions, and the full `cua-kit train` loop with checkpoints, SIGTERM and SIGKILL+resume."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cua_kit.config import GRPOConfig, LoraConfig, ModelConfig, TrainerConfig
+from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches
+from cua_kit.inference.base import GenerationRequest, SamplingParams
+from cua_kit.inference.hf import HFPolicy
+from cua_kit.models.loader import load_policy
+from cua_kit.models.tiny import make_tiny_model
+from cua_kit.rollout.episode import TurnSample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen3_vl", "tiny")
+
+
+def _samples(tiny_path, n=4, seed=0):
+    """Real completions sampled by the policy for one screenshot prompt, with behaviour log-probs."""
+    torch.manual_seed(seed)
+    loaded = load_policy(ModelConfig(name=str(tiny_path), device="cpu"), LoraConfig(r=4, alpha=8))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Tap OK"}]}]
+    text = loaded.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    image = Image.new("RGB", (128, 128), "white")
+    ids = loaded.processor(text=[text], images=[image], do_resize=False, return_tensors="pt")["input_ids"][0].tolist()
+    policy = HFPolicy(loaded)
+    reqs = [GenerationRequest(ids, [image], SamplingParams(1.0, 1.0, 0, 12)) for _ in range(n)]
+    completions = policy.generate_sync(reqs)
+    turns = [TurnSample(ids, c.token_ids, c.logprobs, [image], c.version) for c in completions]
+    return loaded, turns
+
+
+def _trainer(loaded, **grpo):
+    return GRPOTrainer(loaded, GRPOConfig(**grpo), TrainerConfig(learning_rate=5e-2, grad_clip=0.0), temperature=1.0)
+
+
+def test_first_micro_step_has_ratio_one_and_zero_kl(tiny_path):
+    loaded, turns = _samples(tiny_path)
+    trainer = _trainer(loaded, kl_ctl=0.01)
+    stats = trainer.update([Sample(t, a) for t, a in zip(turns, [1.0, -1.0, 0.5, -0.5])])
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-7)  # fresh LoRA (B = 0): policy == reference
+    assert stats["clip_frac"] == 0.0 and trainer.version == 1
+
+
+def _seq_logprob(trainer, turns):
+    with torch.no_grad():
+        scored = trainer._no_grad_logprobs([Sample(t, 0.0) for t in turns], reference=False)
+    return scored.sum(dim=1)
+
+
+def test_one_update_moves_logprobs_with_the_advantage_sign(tiny_path):
+    loaded, turns = _samples(tiny_path, n=2, seed=1)
+    trainer = _trainer(loaded, kl_ctl=0.0)
+    before = _seq_logprob(trainer, turns)
+    trainer.update([Sample(turns[0], 1.0), Sample(turns[1], -1.0)])
+    after = _seq_logprob(trainer, turns)
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_loss_is_finite_with_a_garbage_completion(tiny_path):
+    loaded, turns = _samples(tiny_path, n=2, seed=2)
+    vocab = len(loaded.tokenizer)
+    garbage = TurnSample(turns[0].prompt_ids, [vocab - 1, 0, 5, vocab - 2] * 8, [-50.0] * 32, turns[0].images, 0)
+    empty = TurnSample(turns[0].prompt_ids, [], [], turns[0].images, 0)
+    stats = _trainer(loaded, kl_ctl=0.01).update([Sample(garbage, 1.0), Sample(turns[1], -1.0), Sample(empty, 1.0)])
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert stats["n_samples"] == 2  # the empty completion carries no tokens and is left out
+
+
+def test_micro_batches_respect_the_token_budget(tiny_path):
+    rows = [Sample(TurnSample([0] * n, [1] * 4, [0.0] * 4, [], 0), 1.0) for n in (10, 10, 30, 5, 50)]
+    batches = pack_micro_batches(rows, 64)
+    # rows of 14, 14, 34, 9, 54 tokens; a padded micro-batch costs rows x longest row
+    assert [[s.n_tokens for s in b] for b in batches] == [[14, 14], [34], [9], [54]]
+    assert sum(len(b) for b in batches) == len(rows)
+    assert all(max(s.n_tokens for s in b) * len(b) <= 64 or len(b) == 1 for b in batches)
+
+
+# ----------------------------------------------------------------------------- the whole loop
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cua_kit.cli", "train", str(ROOT / "configs/quickstart.yaml"),
+            f"output_dir={out}", "model.adapter_path=", "trainer.eval_episodes=0", "rollout.max_staleness=0",
+            "rollout.n_samples=2", "trainer.batch_size=1", "rollout.max_turns=2", "rollout.max_new_tokens=12",
+            "rollout.max_concurrent_rollouts=2", "saver.freq_steps=1", "saver.keep_last=10", *extra]
+
+
+def _env(tmp_path):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _db_rows(out: Path, sql: str):
+    db = out / "quickstart/trial0/trace.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def _tasks_per_step(out: Path):
+    rows = _db_rows(out, "select step, task_id from groups where step is not null order by step")
+    return {step: task for step, task in rows}
+
+
+@pytest.mark.slow
+def test_sigkill_then_auto_resume_continues_steps_and_tasks(tmp_path):
+    reference = tmp_path / "ref"
+    subprocess.run(_train_cmd(reference, "trainer.max_steps=4"), check=True, env=_env(tmp_path),
+                   capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, "trainer.max_steps=4"), env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "quickstart/trial0/checkpoints/checkpoint-2"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint-2 before the deadline"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(_train_cmd(killed, "trainer.max_steps=4", "recover.mode=auto"), check=True,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    resumed_at = int(out.stdout.split("at step ")[1].split()[0])
+    assert resumed_at >= 2
+    lines = [l for l in out.stdout.splitlines() if "] Step " in l]
+    assert lines[0].split("] Step ")[1].startswith(f"{resumed_at + 1}/4")
+    steps = [r[0] for r in _db_rows(killed, "select step from steps order by step")]
+    assert steps == [1, 2, 3, 4]  # no duplicated, no missing rows
+    assert _tasks_per_step(killed) == _tasks_per_step(reference)  # the same next tasks
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_marks_the_run_stopped(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out, "trainer.max_steps=1000", "saver.freq_steps=0"), env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    db = out / "quickstart/trial0/trace.db"
+    while time.time() < deadline:
+        if db.exists() and _db_rows(out, "select count(*) from steps")[0][0] >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    status, = _db_rows(out, "select status from runs")[0]
+    assert status == "stopped"
+    ckpts = sorted((out / "quickstart/trial0/checkpoints").glob("checkpoint-*"))
+    assert ckpts, log
+    state = json.loads((ckpts[-1] / "state.json").read_text())
+    assert state["step"] == _db_rows(out, "select max(step) from steps")[0][0]
+    from cua_kit.config import ModelConfig
+    from cua_kit.models.loader import resolve_model_path
+
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path(ModelConfig()))
+    PeftModel.from_pretrained(base, ckpts[-1] / "adapter")  # plain peft + transformers load it
