@@ -88,3 +88,20 @@ def episode(db: sqlite_utils.Database, episode_id: str) -> dict[str, Any] | None
 def turns(db: sqlite_utils.Database, episode_id: str) -> list[dict[str, Any]]:
     """An episode's turns in order; screenshot_path is relative to the folder holding trace.db."""
     return rows(db, "SELECT * FROM turns WHERE episode_id = ? ORDER BY turn_idx", [episode_id])
+
+
+def latest_step(db: sqlite_utils.Database, run_id: str) -> dict[str, Any] | None:
+    """The run's last steps row (None before the first optimizer step)."""
+    found = rows(db, "SELECT * FROM steps WHERE run_id = ? ORDER BY step DESC LIMIT 1", [run_id])
+    return found[0] if found else None
+
+
+def group(db: sqlite_utils.Database, group_id: str) -> dict[str, Any] | None:
+    found = rows(db, "SELECT * FROM groups WHERE group_id = ?", [group_id])
+    return found[0] if found else None
+
+
+def episodes_of_run(db: sqlite_utils.Database, run_id: str, limit: int = 2000) -> list[dict[str, Any]]:
+    """The run's newest episodes (newest first), each with `step`: the step that consumed its group (or NULL)."""
+    return rows(db, "SELECT e.*, g.step AS step FROM episodes e LEFT JOIN groups g ON g.group_id = e.group_id "
+                    "WHERE e.run_id = ? ORDER BY e.started_at DESC, e.episode_id LIMIT ?", [run_id, limit])
