@@ -1,0 +1,361 @@
+"""Benchmark: one GRPO update through the kit's own path vs a plain peft LoRA step, same shapes, same run.
+
+What is measured, per model shape (Qwen3-VL-2B- and -8B-shaped, random weights built straight on the
+device in bf16, no hub):
+  kit      `GRPOTrainer.update` on `Sample`/`TurnSample` rows with LoRA from `apply_lora` on the kit's
+           three groups (vision attention, merger, language), gradient checkpointing on. Every update
+           includes what a real one does: collate + image processing on the CPU, the no-grad
+           reference forward for the k3 KL (kl_ctl 0.01), the scoring forward with `logits_to_keep`,
+           backward, grad clipping, AdamW. Samples are fresh (version = trainer.version), so no
+           proximal recompute (the on-policy case).
+  peft     the naive baseline of platform-facts: the same model and LoRA targets through plain
+           `get_peft_model`, gradient checkpointing, inputs collated once up front, `labels=` loss over
+           the completion tokens (full-vocab logits), backward, AdamW.
+  kit-nokl the kit's update with kl_ctl 0 (no reference forward): isolates what the KL term costs.
+All: rows x seq tokens per step (default 4 x 1,196: one 1280x736 screenshot = 920 image tokens,
+text, a 128-token completion), one micro-batch, `--warmup` untimed steps then the median of `--steps`.
+
+MFU by the 6N rule, the same for every path:  MFU = 6 * N * tokens_per_step / step_s / matmul_flops,
+N = every parameter of the model (frozen base + LoRA), matmul_flops = a bf16 8192^3 matmul measured
+in the same run. The kit's extra no-grad reference forward (2N per token) is overhead the rule does
+not count. Prints a table and writes JSON:
+
+    PYTHONPATH=. python bench/train_step.py --shape 2b 8b --steps 8 --out bench/results/train_step.json
+    PYTHONPATH=. python bench/train_step.py --shape tiny --image 64x64 --seq 96 --completion 16  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import peft
+import torch
+import transformers
+from PIL import Image
+
+from cua_kit.config import GRPOConfig, LoraConfig, TrainerConfig
+from cua_kit.grpo.scoring import score
+from cua_kit.grpo.trainer import GRPOTrainer, Sample
+from cua_kit.models.inputs import Row, collate
+from cua_kit.models.loader import LoadedPolicy, apply_lora, reference_model
+from cua_kit.models.tiny import _processor, build_tokenizer
+from cua_kit.rollout.episode import TurnSample
+
+# Real Qwen3-VL configs (config.json of Qwen/Qwen3-VL-2B-Instruct and -8B-Instruct); tiny is for CPU tests.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=32, vocab_size=2048),
+                 vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                             deepstack_visual_indexes=[0]), tie=False),
+    "2b": dict(text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936),
+               vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                           deepstack_visual_indexes=[5, 11, 17]), tie=True),
+    "8b": dict(text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936),
+               vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                           deepstack_visual_indexes=[8, 16, 24]), tie=False),
+}
+LORA = LoraConfig(r=16, alpha=32, dropout=0.0)  # the kit's defaults: all three groups
+TEMPERATURE = 0.7
+
+
+def qwen3_vl_config(shape: dict[str, Any], tok: Any) -> Any:
+    """A Qwen3VLConfig of the real shape; special-token ids are the (tiny) tokenizer's own."""
+    from transformers import Qwen3VLConfig
+
+    ids = tok.convert_tokens_to_ids
+    text = dict(shape["text"], max_position_embeddings=32768, tie_word_embeddings=shape["tie"],
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                                 "mrope_section": mrope_section(shape["text"]["head_dim"])},
+                pad_token_id=tok.pad_token_id, eos_token_id=ids("<|im_end|>"))
+    vision = dict(shape["vision"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
+                  out_hidden_size=shape["text"]["hidden_size"])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=shape["tie"],
+                         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """[24, 20, 20] for head_dim 128, as in the real configs; must sum to head_dim / 2."""
+    half = head_dim // 2
+    return [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
+
+
+def build_model(config: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Random weights allocated straight on the device (no CPU copy, ~seconds for 8B)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    # use_reentrant=False, as the kit's loader does (reentrant GC breaks with frozen inputs)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model
+
+
+def make_rows(tok: Any, args: argparse.Namespace, seed: int = 0) -> list[tuple[list[int], list[int], list[Image.Image]]]:
+    """`rows` (prompt_ids, completion_ids, [image]): text ids around one screenshot's <|image_pad|> run."""
+    rng = random.Random(seed)
+    width, height = args.image
+    n_image, n_text = token_layout(args)
+    special = set(tok.all_special_ids)
+    normal = [i for i in range(len(tok)) if i not in special]
+    ids = tok.convert_tokens_to_ids
+    rows = []
+    for _ in range(args.rows):
+        text = [rng.choice(normal) for _ in range(n_text)]
+        prompt = text[: n_text // 2] + [ids("<|vision_start|>")] + [ids("<|image_pad|>")] * n_image \
+            + [ids("<|vision_end|>")] + text[n_text // 2:]
+        completion = [rng.choice(normal) for _ in range(args.completion)]
+        pixels = np.random.default_rng(rng.randrange(2**31)).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        rows.append((prompt, completion, [Image.fromarray(pixels)]))
+    return rows
+
+
+def token_layout(args: argparse.Namespace) -> tuple[int, int]:
+    """(image tokens, text tokens) of one prompt; a clear error when the sizes cannot fit."""
+    width, height = args.image
+    if width % 32 or height % 32 or width < 64 or height < 64:
+        raise SystemExit(f"--image {width}x{height}: both sides must be multiples of 32 (patch 16 x merge 2), "
+                         "at least 64")
+    n_image = (width // 32) * (height // 32)
+    n_text = args.seq - args.completion - n_image - 2
+    if n_text < 2 or args.completion < 1 or args.rows < 1:
+        raise SystemExit(f"--seq {args.seq} is too short for {n_image} image tokens + 2 vision markers + "
+                         f"--completion {args.completion} + 2 text tokens (or --rows/--completion < 1); "
+                         "raise --seq or shrink --image")
+    return n_image, n_text
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> tuple[list[float], Any]:
+    """Wall time of each timed call (device synchronized around it); returns times and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        result = step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def matmul_flops(device: torch.device, size: int) -> float:
+    """Measured dense matmul rate (FLOP/s): bf16 on CUDA, fp32 on CPU; random data (zeros run faster)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    times, _ = time_steps(lambda: a @ b, device, warmup=3, steps=10)
+    return 2 * size**3 / statistics.median(times)
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def run_kit(model: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device,
+            dtype: torch.dtype, kl_ctl: float = 0.01) -> dict[str, Any]:
+    """The kit's update: apply_lora + GRPOTrainer.update on fresh Sample rows (kl_ctl 0: no reference forward)."""
+    peft_model, targets = apply_lora(model, LORA)
+    policy = LoadedPolicy(peft_model, processor, "qwen3_vl", device, dtype, targets)
+    one_micro_batch = TrainerConfig(micro_batch_tokens=args.rows * args.seq, max_seq_length=args.seq)
+    trainer = GRPOTrainer(policy, GRPOConfig(kl_ctl=kl_ctl), one_micro_batch, TEMPERATURE)
+    behaviour = reference_logprobs(policy, rows, device)  # = the policy's at step 0 (LoRA B is zero)
+    samples = [Sample(TurnSample(p, c, lp, imgs, version=0), advantage=1.0 if i % 2 == 0 else -1.0)
+               for i, ((p, c, imgs), lp) in enumerate(zip(rows, behaviour))]
+
+    def step() -> dict[str, float]:
+        for s in samples:  # fresh samples: the on-policy case, no proximal recompute
+            s.turn.version = trainer.version
+        return trainer.update(samples)
+
+    times, stats = time_steps(step, device, args.warmup, args.steps)
+    result = {"times_s": times, "peak_gib": peak_gib(device), "last_update": stats,
+              "n_params": count(peft_model), "n_trainable": count(peft_model, trainable=True)}
+    if kl_ctl > 0:
+        result["breakdown"] = kit_breakdown(policy, rows, device)
+    return result
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The trainer's own rule: bf16 autocast on CUDA for non-fp32 weights."""
+    if device.type == "cuda" and dtype != torch.float32:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def reference_logprobs(policy: LoadedPolicy, rows: list, device: torch.device) -> list[list[float]]:
+    """The completions' log-probs under the adapter-disabled model (no grad), one list per row."""
+    with torch.no_grad(), autocast(device, policy.dtype), reference_model(policy.model) as m:
+        scored = score(m, policy.processor, rows, TEMPERATURE, device)
+    return [scored.logprobs[i, -len(c):].float().tolist() for i, (_, c, _) in enumerate(rows)]
+
+
+def kit_breakdown(policy: LoadedPolicy, rows: list, device: torch.device) -> dict[str, float]:
+    """Where an update's extra time goes: the CPU collate (image processing) and the reference forward."""
+    cpu_rows = [Row(p + c, imgs) for p, c, imgs in rows]
+    collate_times, _ = time_steps(lambda: collate(policy.processor, cpu_rows, "cpu"), torch.device("cpu"),
+                                  warmup=1, steps=3)
+    ref_times, _ = time_steps(lambda: reference_logprobs(policy, rows, device), device, warmup=1, steps=3)
+    return {"collate_s": statistics.median(collate_times), "reference_forward_s": statistics.median(ref_times)}
+
+
+def run_peft(model: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The naive baseline: plain get_peft_model on the same targets, labels= loss, AdamW."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from cua_kit.models.lora import resolve_targets
+
+    regex = resolve_targets(model, LORA.groups).regex
+    peft_model = get_peft_model(model, PeftLoraConfig(r=LORA.r, lora_alpha=LORA.alpha, target_modules=regex))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    batch = collate(processor, [Row(p + c, imgs) for p, c, imgs in rows], device)
+    labels = batch["input_ids"].clone()
+    labels[:, : -args.completion] = -100  # loss on the completion only (all rows have the same length)
+
+    def step() -> float:
+        loss = peft_model(**batch, labels=labels, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times, loss = time_steps(step, device, args.warmup, args.steps)
+    return {"times_s": times, "peak_gib": peak_gib(device), "last_loss": loss,
+            "n_params": count(peft_model), "n_trainable": count(peft_model, trainable=True)}
+
+
+def count(model: Any, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def summarise(shape: str, path: str, run: dict[str, Any], tokens: int, flops: float) -> dict[str, Any]:
+    step_s = statistics.median(run["times_s"])
+    mfu = 6 * run["n_params"] * tokens / step_s / flops
+    return {"shape": shape, "path": path, "step_s": step_s, "tokens_per_step": tokens,
+            "tokens_per_s": tokens / step_s, "peak_gib": run["peak_gib"], "mfu": mfu, **run}
+
+
+def bench_shape(name: str, tok: Any, processor: Any, args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype, flops: float) -> list[dict[str, Any]]:
+    """Both paths on a fresh model each (peft wraps the model in place); baseline first."""
+    rows = make_rows(tok, args)
+    tokens = args.rows * args.seq
+    config = qwen3_vl_config(SHAPES[name], tok)
+    out = []
+    for path in args.paths:
+        reset_memory(device)
+        torch.manual_seed(0)
+        model = build_model(config, device, dtype)
+        if path == "peft":
+            run = run_peft(model, processor, rows, args, device)
+        else:
+            run = run_kit(model, processor, rows, args, device, dtype, kl_ctl=0.0 if path == "kit-nokl" else 0.01)
+        out.append(summarise(name, path, run, tokens, flops))
+        print(f"  {name} {path}: {out[-1]['step_s']:.3f} s/step", flush=True)
+        del model, run
+    return out
+
+
+def print_table(results: list[dict[str, Any]], flops: float) -> None:
+    print(f"\nmatmul: {flops / 1e12:.0f} TFLOP/s measured")
+    print(f"{'shape':>5} {'path':>8} {'params':>8} {'tokens':>6} {'s/step':>7} {'tok/s':>7} {'peak GiB':>8} "
+          f"{'MFU':>6} {'vs peft':>7}")
+    base = {r["shape"]: r["step_s"] for r in results if r["path"] == "peft"}
+    for r in results:
+        ratio = f"{base[r['shape']] / r['step_s']:.2f}x" if r["shape"] in base else "-"
+        print(f"{r['shape']:>5} {r['path']:>8} {r['n_params'] / 1e9:>7.2f}B {r['tokens_per_step']:>6} "
+              f"{r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {r['peak_gib']:>8.1f} {100 * r['mfu']:>5.1f}% {ratio:>7}")
+    for r in results:
+        if "breakdown" in r:
+            b = r["breakdown"]
+            print(f"{r['shape']} kit breakdown: collate (CPU) {b['collate_s']:.3f} s, "
+                  f"reference forward {b['reference_forward_s']:.3f} s")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give WIDTHxHEIGHT, e.g. 1280x736") from None
+    return w, h
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["2b", "8b"], help="model shapes")
+    parser.add_argument("--paths", nargs="+", choices=["peft", "kit", "kit-nokl"], default=["peft", "kit", "kit-nokl"],
+                        help="peft: plain baseline; kit: GRPOTrainer.update (kl_ctl 0.01); kit-nokl: kl_ctl 0")
+    parser.add_argument("--rows", type=int, default=4, help="sequences per step (one micro-batch)")
+    parser.add_argument("--seq", type=int, default=1196, help="tokens per sequence, prompt + completion")
+    parser.add_argument("--completion", type=int, default=128, help="completion tokens per sequence")
+    parser.add_argument("--image", type=parse_size, default=(1280, 736), help="screenshot WIDTHxHEIGHT")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--matmul-size", type=int, default=0, help="square matmul side (0: 8192 CUDA, 512 CPU)")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--out", default="bench/results/train_step.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA GPU is visible; use --device cpu (with --shape tiny)")
+    if device.type == "cpu" and set(args.shape) - {"tiny"}:
+        raise SystemExit(f"--shape {' '.join(args.shape)} on the CPU would need tens of GiB and hours: "
+                         "the 2b/8b shapes are for a CUDA GPU; on the CPU use --shape tiny")
+    token_layout(args)  # fail on bad sizes before any model is built
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the kit's dtype=auto rule
+    tok = build_tokenizer(1024)
+    processor = _processor("qwen3_vl", tok)
+    flops = matmul_flops(device, args.matmul_size or (8192 if device.type == "cuda" else 512))
+    results = [r for name in args.shape for r in bench_shape(name, tok, processor, args, device, dtype, flops)]
+    print_table(results, flops)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "python": platform.python_version(), "matmul_flops": flops,
+            "dtype": str(dtype), "mfu_formula": "6 * n_params * tokens_per_step / step_s / matmul_flops",
+            "args": {k: v for k, v in vars(args).items()}}
+    meta.update(transformers=transformers.__version__, peft=peft.__version__)
+    report = {"meta": meta, "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
