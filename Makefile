@@ -17,8 +17,11 @@ export TRANSFORMERS_VERBOSITY ?= error
 
 .PHONY: demo test install chromium clean-venv
 
+# The quickstart: behaviour-cloning warm start, then GRPO with held-out evals before and after
+# (recover.mode=off: a re-run trains afresh instead of resuming a finished run).
 demo: install chromium
-	$(VENV)/bin/cua-kit train configs/quickstart.yaml
+	$(VENV)/bin/cua-kit sft configs/quickstart.yaml
+	$(VENV)/bin/cua-kit train configs/quickstart.yaml recover.mode=off
 
 test: install chromium
 	$(PY) -m pytest -q tests

@@ -75,8 +75,18 @@ class Agent:
         tools = [self.schema(self.tool, self.coord_mode, current if self.coord_mode == "absolute" else None)]
         text = self.processor.apply_chat_template(self.messages(history), tools=tools, add_generation_prompt=True,
                                                   tokenize=False)
-        out = self.processor(text=[text], images=images, do_resize=False, return_tensors="pt")
-        return Prompt(out["input_ids"][0].tolist(), images, text, current)
+        return Prompt(self._token_ids(text, images), images, text, current)
+
+    def _token_ids(self, text: str, images: list[Image.Image]) -> list[int]:
+        """The processor's ids (each <|image_pad|> expanded to the image's token count) without computing
+        pixel values, which `collate` does once per generate batch: this runs on the event loop every turn."""
+        ip, pad = self.processor.image_processor, self.processor.image_token
+        expanded, rest = [], text
+        for image in images:
+            before, _, rest = rest.partition(pad)
+            n_tokens = (image.width // ip.patch_size) * (image.height // ip.patch_size) // ip.merge_size ** 2
+            expanded += [before, pad * n_tokens]
+        return self.processor.tokenizer("".join(expanded) + rest, add_special_tokens=False)["input_ids"]
 
     def parse(self, completion: str, screen_size: tuple[int, int], prompt: Prompt) -> Action | InvalidAction:
         """Completion text -> an Action in the env's screen pixels (never raises)."""

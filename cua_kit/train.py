@@ -12,12 +12,14 @@ Outputs go to outputs/<experiment>/<trial>/: config.yaml, trace.db, screens/, ch
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +114,9 @@ class TrainingRun:
         save_config(cfg, self.run_dir)
         self.resume_from = resume_checkpoint(cfg)
         adapter = str(self.resume_from / "adapter") if self.resume_from else (cfg.model.adapter_path or None)
+        if adapter and not (Path(adapter) / "adapter_config.json").exists():
+            raise ConfigError(f"model.adapter_path={adapter} holds no peft adapter: run `cua-kit sft CONFIG` first "
+                              "(it writes <run>/sft/adapter), or set model.adapter_path= to start from a fresh LoRA")
         _seed_everything(cfg.trainer.seed)
         self.loaded: LoadedPolicy = load_policy(cfg.model, cfg.lora, adapter_path=adapter)
         self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms)
@@ -122,6 +127,8 @@ class TrainingRun:
         self.trace = TraceWriter(self.run_dir / "trace.db", self.run_id)
         self.state = RunState()
         self.stop_requested = asyncio.Event()
+        self._last_counts: dict[str, int] = {}
+        self._gen_seen, self._gen_busy = 0, 0.0
 
     def _controller(self, pool: EnvPool) -> RolloutController:
         c = self.cfg
@@ -169,6 +176,7 @@ class TrainingRun:
             summary["status"] = "failed"
             raise
         finally:
+            self._remove_signals()
             await controller.stop()
             await self.policy.close()
             await pool.close()
@@ -225,18 +233,30 @@ class TrainingRun:
                       version: int, episodes_per_hour: float) -> dict[str, float]:
         rewards = [r for g in batch for r in g.rewards]
         stale = [version - v for g in batch for e in g.valid for v in e.versions]
-        rs = controller.stats
+        now = controller.stats.as_dict()
+        delta = {k: now[k] - self._last_counts.get(k, 0) for k in now}  # counts since the previous step
+        self._last_counts = now
         return {
             "version": self.trainer.version, "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
             "success_rate": float(np.mean([e.success for g in batch for e in g.valid])) if rewards else 0.0,
             "pg_loss": stats.get("pg_loss", 0.0), "kl": stats.get("kl", 0.0), "entropy": stats.get("entropy", 0.0),
             "lr": stats["lr"], "grad_norm": stats["grad_norm"], "clip_frac": stats.get("clip_frac", 0.0),
             "staleness_mean": float(np.mean(stale)) if stale else 0.0, "staleness_max": max(stale, default=0),
-            "episodes_per_hour": episodes_per_hour, "n_groups": len(batch), "n_dropped_stale": rs.groups_dropped_stale,
-            "n_zero_variance": rs.groups_zero_variance, "n_env_errors": rs.env_errors,
+            "episodes_per_hour": episodes_per_hour, "n_groups": len(batch),
+            "n_dropped_stale": delta["groups_dropped_stale"], "n_zero_variance": sum(g.zero_variance for g in batch),
+            "n_env_errors": delta["env_errors"],
             "n_samples": stats["n_samples"], "update_s": stats["update_s"],
             "turns_per_episode": float(np.mean([len(e.turns) for g in batch for e in g.valid])) if rewards else 0.0,
+            **self._generation_stats(),
         }
+
+    def _generation_stats(self) -> dict[str, float]:
+        """How well turns were batched and how busy generation was, since the previous step."""
+        sizes = self.policy.batch_sizes[self._gen_seen:]
+        self._gen_seen = len(self.policy.batch_sizes)
+        busy, self._gen_busy = self.policy.busy_s - self._gen_busy, self.policy.busy_s
+        return {"gen_batch_mean": float(np.mean(sizes)) if sizes else 0.0, "gen_calls": float(len(sizes)),
+                "gen_busy_s": busy}
 
     def _report(self, step: int, batch: list[Group], row: dict[str, float], metrics: MetricsLogger) -> None:
         epoch = (step - 1) // self.steps_per_epoch + 1
@@ -279,9 +299,19 @@ class TrainingRun:
         return result
 
     def _install_signals(self) -> None:
+        """SIGTERM/Ctrl-C: finish the step, checkpoint, stop. Only the main thread can own signals."""
+        self._signals: list[int] = []
+        if threading.current_thread() is not threading.main_thread():
+            return
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+            self._signals.append(sig)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in getattr(self, "_signals", []):
+            loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
         if self.stop_requested.is_set():  # a second Ctrl-C: stop now
@@ -299,8 +329,17 @@ def _seed_everything(seed: int) -> None:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Run GRPO training to completion (or until SIGTERM); returns a summary dict."""
-    return asyncio.run(TrainingRun(cfg).main())
+    """Run GRPO training to completion (or until SIGTERM); returns a summary dict.
+
+    Inside a running event loop (Jupyter) the run gets its own loop in a worker thread; there, signals stay
+    with the kernel (interrupt the kernel to stop), or call `await TrainingRun(cfg).main()` directly.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(TrainingRun(cfg).main())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, TrainingRun(cfg).main()).result()
 
 
 if __name__ == "__main__":  # python -m cua_kit.train CONFIG [overrides]

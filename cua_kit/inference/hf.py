@@ -80,10 +80,16 @@ class HFPolicy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                # not asyncio.wait_for: on 3.10/3.11 it can swallow a cancel, and close() then hangs
+                getter = asyncio.ensure_future(self._queue.get())
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
+                    done, _ = await asyncio.wait({getter}, timeout=remaining)
+                finally:
+                    if not getter.done():
+                        getter.cancel()  # Queue.get leaves the item queued when cancelled
+                if getter not in done:
                     break
+                batch.append(getter.result())
             for group in _by_sampling(batch):
                 await self._run(group)
 
