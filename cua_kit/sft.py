@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cua_kit.agent import Agent, History
-from cua_kit.config import Config
+from cua_kit.config import Config, save_config
 from cua_kit.envs import make_env
 from cua_kit.envs.base import Task
 from cua_kit.grpo.scoring import score
@@ -107,5 +107,6 @@ def run_sft(cfg: Config) -> Path:
     train_sft(policy, demos, cfg.sft.epochs, cfg.sft.batch_size, cfg.sft.learning_rate, cfg.trainer.seed)
     out = cfg.run_dir / cfg.sft.output / "adapter"
     policy.model.save_pretrained(out)
+    save_config(cfg, out.parent)
     print(f"SFT adapter saved to {out}", flush=True)
     return out

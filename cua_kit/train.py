@@ -198,8 +198,7 @@ class TrainingRun:
             step = self.state.step + 1
             consumed_version = self.trainer.version
             samples = [Sample(turn, adv) for g in batch for turn, adv in g.samples()]
-            stats = await asyncio.to_thread(self.trainer.update, samples)
-            self.policy.set_version(self.trainer.version)
+            stats = await asyncio.to_thread(self.trainer.update, samples, self.policy.set_version)
             await controller.notify_version()
             self.state.step = step
             hours = max(time.time() - self.state.started, 1e-6) / 3600

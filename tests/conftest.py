@@ -17,3 +17,26 @@ def chromium_path() -> str:
     except EnvError as exc:
         pytest.fail(str(exc))
 # ---- end MiniWoB++ / Chromium -----------------------------------------------------------------------
+
+
+# ---- the fake GBox server (tests/fakes/gbox_server.py), selected through the SDK's env vars ----------
+@pytest.fixture
+def fake_gbox(monkeypatch: pytest.MonkeyPatch):
+    """A FakeGboxServer on 127.0.0.1 with GBOX_API_KEY / GBOX_CLIENT_BASE_URL pointing the real SDK at it."""
+    from tests.fakes.gbox_server import FakeGboxServer
+
+    with FakeGboxServer(api_key="test-key") as server:
+        monkeypatch.setenv("GBOX_API_KEY", "test-key")
+        monkeypatch.setenv("GBOX_CLIENT_BASE_URL", server.base_url)
+        yield server
+# ---- end fake GBox ----------------------------------------------------------------------------------
+
+
+# ---- a tiny Qwen3-VL of the real architecture, built once per session ------------------------------
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny Qwen3-VL (random weights, offline) shared by every test file of the session."""
+    from cua_kit.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-qwen3_vl", "qwen3_vl", "tiny")
+# ---- end tiny model ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from PIL import Image, ImageChops
@@ -36,14 +35,6 @@ def demo_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
     code, lines, err = run_cli(["env", "demo", *args, "--json"], capsys)
     assert code == 0, err
     return json.loads(lines[-1])
-
-
-@pytest.fixture
-def fake_gbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGboxServer]:
-    with FakeGboxServer(api_key="test-key") as server:
-        monkeypatch.setenv("GBOX_API_KEY", "test-key")
-        monkeypatch.setenv("GBOX_CLIENT_BASE_URL", server.base_url)
-        yield server
 
 
 # ---- env list --------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -23,11 +22,8 @@ MAX_ORACLE_STEPS = 8
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGboxServer]:
-    with FakeGboxServer(api_key="test-key") as server:
-        monkeypatch.setenv("GBOX_API_KEY", "test-key")
-        monkeypatch.setenv("GBOX_CLIENT_BASE_URL", server.base_url)
-        yield server
+def fake(fake_gbox: FakeGboxServer) -> FakeGboxServer:
+    return fake_gbox  # conftest.py starts it
 
 
 def fast_env(**options: object) -> GboxEnv:

@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import nbformat
 import pytest
@@ -42,11 +41,8 @@ def kernel_manager(folder: Path) -> KernelManager:
 
 
 @pytest.fixture
-def gbox_fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGboxServer]:
-    with FakeGboxServer(api_key="ci-key") as server:
-        monkeypatch.setenv("GBOX_API_KEY", "ci-key")
-        monkeypatch.setenv("GBOX_CLIENT_BASE_URL", server.base_url)
-        yield server
+def gbox_fake(fake_gbox: FakeGboxServer) -> FakeGboxServer:
+    return fake_gbox  # conftest.py starts it
 
 
 def test_committed_notebooks_have_no_outputs() -> None:

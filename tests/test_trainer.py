@@ -19,15 +19,14 @@ from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches
 from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import load_policy
-from cua_kit.models.tiny import make_tiny_model
 from cua_kit.rollout.episode import TurnSample
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen3_vl", "tiny")
+def tiny_path(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _samples(tiny_path, n=4, seed=0):

@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -102,8 +102,10 @@ class GRPOTrainer:
         with torch.no_grad(), self._autocast(), ctx as m:
             return score(m, self.policy.processor, self._rows(batch), self.temperature, self.policy.device).logprobs
 
-    def update(self, samples: list[Sample]) -> dict[str, float]:
-        """One optimizer step over `samples`; returns the step's stats. Bumps `version`."""
+    def update(self, samples: list[Sample], on_version: Callable[[int], None] | None = None) -> dict[str, float]:
+        """One optimizer step over `samples`; returns the step's stats. Bumps `version`, and calls
+        `on_version(version)` while still holding the model lock, so no generation can run on the new
+        weights under the old version number."""
         start = time.perf_counter()
         kept = [s for s in samples if s.n_tokens <= self.cfg.max_seq_length and s.turn.completion_ids]
         stats = {"n_samples": float(len(kept)), "n_too_long": float(len(samples) - len(kept))}
@@ -111,7 +113,9 @@ class GRPOTrainer:
             self.policy.model.train()
             totals = self._accumulate(kept) if kept else {}
             grad_norm = self._step()
-        self.version += 1
+            self.version += 1
+            if on_version is not None:
+                on_version(self.version)
         stats.update(totals)
         stats.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], update_s=time.perf_counter() - start)
         return stats
