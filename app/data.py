@@ -12,7 +12,9 @@ import hashlib
 import html
 import json
 import math
+import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -245,8 +247,10 @@ class FrameCache:
         if not out.exists():
             with Image.open(screenshot) as image:
                 drawn = draw_action(image, parsed_action({"action_json": action_json, "parse_error": parse_error}), label)
-            drawn.save(out.with_suffix(".tmp.png"), compress_level=1)  # fast encode; files are temporary
-            out.with_suffix(".tmp.png").replace(out)
+            # a unique temp name per writer: the prefetcher and a click may render the same frame at once
+            tmp = out.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp.png")
+            drawn.save(tmp, format="PNG", compress_level=1)  # fast encode; files are temporary
+            tmp.replace(out)
         return str(out)
 
 
