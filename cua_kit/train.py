@@ -118,7 +118,9 @@ class TrainingRun:
             raise ConfigError(f"model.adapter_path={adapter} holds no peft adapter: run `cua-kit sft CONFIG` first "
                               "(it writes <run>/sft/adapter), or set model.adapter_path= to start from a fresh LoRA")
         _seed_everything(cfg.trainer.seed)
-        self.loaded: LoadedPolicy = load_policy(cfg.model, cfg.lora, adapter_path=adapter)
+        # with a warm start, the KL reference is the warm-start policy (frozen), not the bare base model
+        reference = cfg.model.adapter_path if (cfg.model.adapter_path and cfg.grpo.kl_ctl > 0) else None
+        self.loaded: LoadedPolicy = load_policy(cfg.model, cfg.lora, adapter_path=adapter, reference_adapter=reference)
         self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms)
         self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
         self.train_tasks = tasks_for(cfg, cfg.env.train_split)

@@ -143,15 +143,16 @@ def test_launch_a_cpu_run_from_the_ui_then_stop_it(page, runs_dir):
     open_tab(page, "Launch")
     _fill_overrides(page, " ".join([*TINY, "trainer.max_steps=500", "trial_name=ui"]))
     page.locator("#launch-start").click()
-    expect(page.locator("#launch-message")).to_contain_text("started quickstart/ui")
-    pid = launch.read_launch(run_dir)["pid"]
     try:
+        expect(page.locator("#launch-message")).to_contain_text("started quickstart/ui")
+        pid = launch.read_launch(run_dir)["pid"]
         wait_for(lambda: run_status(run_dir) == "running", 120, "the trainer to record status running")
         expect(page.locator("#launch-status")).to_contain_text("running", timeout=20_000)  # timer refresh
         page.locator("#launch-stop").click()
         expect(page.locator("#launch-message")).to_contain_text("stopped (SIGTERM)", timeout=90_000)
-    finally:
-        launch.stop_run(run_dir, grace_s=5)
+    finally:  # whatever this test launched is stopped, even when an assertion failed first
+        for launched in runs_dir.glob("*/*/launch.json"):
+            launch.stop_run(launched.parent, grace_s=5)
     assert not launch.pid_alive(pid)
     assert run_status(run_dir) == "stopped"
     expect(page.locator("#launch-status")).to_contain_text("stopped", timeout=20_000)

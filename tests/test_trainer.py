@@ -168,3 +168,25 @@ def test_sigterm_saves_a_checkpoint_and_marks_the_run_stopped(tmp_path):
 
     base = AutoModelForImageTextToText.from_pretrained(resolve_model_path(ModelConfig()))
     PeftModel.from_pretrained(base, ckpts[-1] / "adapter")  # plain peft + transformers load it
+
+
+def test_warm_start_adapter_is_the_kl_reference(tiny_path, tmp_path):
+    """With a warm-start adapter, KL is measured against it (frozen), not against the bare base model."""
+    from cua_kit.models.loader import reference_model
+
+    loaded, turns = _samples(tiny_path, n=2, seed=3)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    loaded.model.save_pretrained(tmp_path / "warm")
+    warm = load_policy(ModelConfig(name=str(tiny_path), device="cpu"), LoraConfig(r=4, alpha=8),
+                       adapter_path=str(tmp_path / "warm"), reference_adapter=str(tmp_path / "warm"))
+    trainer = _trainer(warm, kl_ctl=0.01)
+    stats = trainer.update([Sample(t, a) for t, a in zip(turns, [1.0, -1.0])])
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == warm start at the first step
+    trained = [p for n, p in warm.model.named_parameters() if p.requires_grad]
+    assert trained and all(".default." in n for n, p in warm.model.named_parameters() if p.requires_grad)
+    with reference_model(warm.model):
+        pass
+    assert all(".default." in n for n, p in warm.model.named_parameters() if p.requires_grad)

@@ -109,10 +109,13 @@ class GRPOTrainer:
         start = time.perf_counter()
         kept = [s for s in samples if s.n_tokens <= self.cfg.max_seq_length and s.turn.completion_ids]
         stats = {"n_samples": float(len(kept)), "n_too_long": float(len(samples) - len(kept))}
+        # A batch whose advantages are all 0 has no policy gradient (and, with kl_ctl, only the KL pull):
+        # AdamW would still move the weights along its momentum, so such a step leaves them alone.
+        signal = any(s.advantage != 0 for s in kept) or (self.grpo.kl_ctl > 0 and self.version > 0)
         with self.lock:
             self.policy.model.train()
-            totals = self._accumulate(kept) if kept else {}
-            grad_norm = self._step()
+            totals = self._accumulate(kept) if kept and signal else {}
+            grad_norm = self._step() if totals else self._skip_step()
             self.version += 1
             if on_version is not None:
                 on_version(self.version)
@@ -156,6 +159,10 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def _skip_step(self) -> float:
+        self.scheduler.step()  # the LR schedule follows steps, updated or not
+        return 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

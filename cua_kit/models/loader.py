@@ -106,8 +106,16 @@ def _image_only_processor(path: str) -> Any:
     return ImageOnlyProcessor(AutoImageProcessor.from_pretrained(path), tok, chat_template=tok.chat_template)
 
 
-def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None = None) -> LoadedPolicy:
-    """Load model + processor with the configured loader, then add (or load) the LoRA adapter."""
+REFERENCE_ADAPTER = "reference"
+
+
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None = None,
+                reference_adapter: str | None = None) -> LoadedPolicy:
+    """Load model + processor with the configured loader, then add (or load) the LoRA adapter.
+
+    `reference_adapter` (a warm-start adapter, e.g. from `cua-kit sft`) is loaded frozen beside the trained
+    one: the KL reference is then "base + warm start", not the base model the warm start moved away from.
+    """
     if model_cfg.loader == "unsloth":
         return _load_unsloth(model_cfg, lora_cfg, adapter_path)
     path = resolve_model_path(model_cfg)
@@ -126,6 +134,9 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
     policy = LoadedPolicy(model, load_processor(path), model_arch(model), device, dtype)
     if lora_cfg.enabled:
         policy.model, policy.targets = apply_lora(model, lora_cfg, adapter_path)
+        if reference_adapter:
+            policy.model.load_adapter(reference_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            policy.model.set_adapter("default")
     return policy
 
 
@@ -146,8 +157,16 @@ def apply_lora(model: Any, lora_cfg: LoraConfig, adapter_path: str | None = None
 
 @contextlib.contextmanager
 def reference_model(model: Any) -> Iterator[Any]:
-    """The frozen reference for the KL: the same weights with the adapter switched off."""
-    if hasattr(model, "disable_adapter"):
+    """The frozen reference for the KL: the same weights with the trained adapter switched off, or
+    switched to the frozen warm-start adapter when there is one (no second model copy either way)."""
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        trained = model.active_adapter
+        model.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield model
+        finally:
+            model.set_adapter(trained)  # also restores requires_grad on the trained adapter only
+    elif hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
     else:  # no LoRA: the model is its own reference only if nothing trains; callers set kl_ctl=0

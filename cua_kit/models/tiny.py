@@ -20,7 +20,7 @@ from typing import Literal
 
 Arch = Literal["qwen3_vl", "qwen2_5_vl"]
 # Bumped whenever the builder's output changes (tokenizer corpus, sizes): builtin caches are per version.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 Size = Literal["tiny", "small"]
 
 # Qwen2/2.5/3's special tokens, in their real order (ids follow the BPE vocab here, not 151643+).
@@ -237,6 +237,7 @@ def make_tiny_model(out_dir: str | Path, arch: Arch = "qwen3_vl", size: Size = "
         model = Qwen3VLForConditionalGeneration(_qwen3_vl_config(SIZES[size], tok))
     else:
         model = Qwen2_5_VLForConditionalGeneration(_qwen2_5_vl_config(SIZES[size], tok))
+    _scale_lm_head(model, SIZES[size]["hidden"])
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
     model.generation_config.do_sample = True
@@ -244,6 +245,18 @@ def make_tiny_model(out_dir: str | Path, arch: Arch = "qwen3_vl", size: Size = "
     _processor(arch, tok).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def _scale_lm_head(model, hidden: int) -> None:
+    """Give the output head the range a trained model's has. Logits are w . RMSNorm(h), with |RMSNorm(h)| ~
+    sqrt(hidden), so with the default init (std 0.02) the largest logit a hidden state can reach is about
+    0.02 * hidden: 1.3 for the tiny model, far too small to put most of the mass on one token of ~650, so a
+    LoRA (which leaves lm_head frozen) can never learn even a fixed template (NLL stuck near log(vocab)).
+    std = 16 / hidden lets a LoRA reach logits of ~16, like a real model's."""
+    import torch
+
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 16.0 / hidden)
 
 
 def count_parameters(model) -> int:
