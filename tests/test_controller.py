@@ -6,7 +6,6 @@ apart from policy failures, and resume of admitted-but-unconsumed tasks.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 from typing import Any
