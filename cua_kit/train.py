@@ -42,7 +42,7 @@ from cua_kit.models.loader import LoadedPolicy, load_policy
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
 from cua_kit.rollout.episode import EpisodeSettings
 from cua_kit.trace.rows import mark_consumed, write_group
-from cua_kit.trace.store import TraceWriter
+from cua_kit.trace.store import SCHEMA, TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,7 @@ class TrainingRun:
             for i, group in enumerate(batch):
                 print(group_line(i, group.rewards), flush=True)
         metrics.log(step, row)
-        known = {"version", "reward_mean", "success_rate", "pg_loss", "kl", "entropy", "lr", "grad_norm",
-                 "staleness_mean", "staleness_max", "episodes_per_hour", "n_groups", "n_dropped_stale",
-                 "n_zero_variance", "n_env_errors"}
+        known = set(SCHEMA["steps"])  # columns of the steps table; everything else goes to extra_json
         self.trace.add_step({"step": step, "epoch": epoch, **{k: v for k, v in row.items() if k in known},
                              "extra_json": {k: v for k, v in row.items() if k not in known}})
 
