@@ -11,6 +11,9 @@ EXTRAS ?= browser,gbox,app,notebooks,dev
 # fetch an unpinned multi-GB CUDA build instead.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 CHROMIUM ?= /usr/lib/chromium/chromium
+# The MiniWoB++ env's default binary (~2x the env steps per CPU-second of full chromium: docs/BENCHMARKS.md).
+CHROMIUM_SHELL ?= /usr/lib/chromium/chromium-headless-shell
+CHROMIUM_APT := chromium chromium-headless-shell
 STAMP := $(VENV)/.cua-kit-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
@@ -35,14 +38,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# Debian's Chromium for MiniWoB++ and the dashboard tests (never `playwright install`: no downloads here).
+# Debian's Chromium and its headless shell for MiniWoB++ and the dashboard tests (never
+# `playwright install`: no downloads here).
 chromium:
-	@if [ -x $(CHROMIUM) ]; then exit 0; \
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMIUM_SHELL) ]; then exit 0; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CHROMIUM_APT); \
 	else \
 		echo "Chromium is missing. Install it with:"; \
-		echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium"; \
+		echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends $(CHROMIUM_APT)"; \
 		exit 1; \
 	fi
 

@@ -1,6 +1,7 @@
 """MiniWoB++ in real headless Chromium: observations, actions, oracles, seeding, crashes and leaks.
 
-Every test drives Debian's Chromium through Playwright (a missing binary fails via `chromium_path`).
+Every test drives Debian's Chromium (chromium-headless-shell by default) through Playwright (a missing
+binary fails via `chromium_path`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pytest
 from cua_kit.actions import Action
 from cua_kit.envs import make_env
 from cua_kit.envs.base import EnvError, Task, load_tasks
-from cua_kit.envs.miniwob import (INSTALL_LINE, ORACLES, MiniWobBrowser, MiniWobEnv, descendant_pids,
-                                  playwright_key, process_group_pids)
+from cua_kit.envs.miniwob import (FULL_CHROMIUM_PATH, HEADLESS_SHELL_PATH, INSTALL_LINE, ORACLES, MiniWobBrowser,
+                                  MiniWobEnv, descendant_pids, playwright_key, process_group_pids, resolve_chromium)
 
 pytestmark = pytest.mark.browser
 TASKS_YAML = Path(__file__).resolve().parents[1] / "data" / "miniwob_tasks.yaml"
@@ -29,12 +30,13 @@ def task(name: str, seed: int = 0) -> Task:
 
 
 def chromium_pids_of_this_test() -> list[int]:
-    """Chromium processes under this Python process (the Playwright driver's children)."""
-    real = os.path.realpath("/usr/lib/chromium/chromium")
+    """Chromium processes under this Python process (the Playwright driver's children), of the binary
+    the tests run (the headless shell by default) or either Debian binary."""
+    real = {os.path.realpath(p) for p in (resolve_chromium(), HEADLESS_SHELL_PATH, FULL_CHROMIUM_PATH)}
     found = []
     for pid in descendant_pids(os.getpid()):
         try:
-            if os.path.realpath(f"/proc/{pid}/exe") == real:
+            if os.path.realpath(f"/proc/{pid}/exe") in real:
                 found.append(pid)
         except OSError:
             pass
@@ -228,6 +230,23 @@ def test_bad_input_says_what_to_do(chromium_path, tmp_path):
             await env.close()
 
     asyncio.run(main())
+
+
+def test_default_binary_is_the_headless_shell_then_full_chromium(monkeypatch, tmp_path):
+    import cua_kit.envs.miniwob as miniwob
+
+    monkeypatch.delenv("CUA_KIT_CHROMIUM", raising=False)
+    shell, full = tmp_path / "chromium-headless-shell", tmp_path / "chromium"
+    monkeypatch.setattr(miniwob, "HEADLESS_SHELL_PATH", str(shell))
+    monkeypatch.setattr(miniwob, "FULL_CHROMIUM_PATH", str(full))
+    with pytest.raises(EnvError, match=INSTALL_LINE):  # neither: the error names the shell's apt line
+        resolve_chromium()
+    full.write_text("")
+    assert resolve_chromium() == str(full)  # only the full browser: it is used
+    shell.write_text("")
+    assert resolve_chromium() == str(shell)  # both: the (2x cheaper) headless shell
+    monkeypatch.setenv("CUA_KIT_CHROMIUM", str(full))
+    assert resolve_chromium() == str(full)  # the override still wins
 
 
 def test_task_file_has_train_and_eval_splits_with_distinct_seeds():
