@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -42,17 +43,42 @@ def pss_mb(pids: list[int]) -> float:
     return total_kb / 1024
 
 
-def cpu_seconds_of_tree() -> float:
-    """CPU time (user+system) of this process and every live descendant (driver, Chromium)."""
+def process_kind(pid: int) -> str:
+    """'driver' (Playwright's node), 'browser' (Chromium's main process) or Chromium's --type (renderer,
+    gpu-process, utility, zygote). Chromium rewrites its argv into one string, hence the search."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        exe = os.path.basename(os.path.realpath(f"/proc/{pid}/exe"))
+    except OSError:
+        return "gone"
+    match = re.search(r"--type=(\S+)", cmdline)
+    return match.group(1) if match else "driver" if "node" in exe else "browser"
+
+
+def cpu_seconds_by_process() -> dict[int | str, tuple[str, float]]:
+    """pid -> (kind, CPU seconds user+system) for this process ('python') and every live descendant."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = time.process_time()
+    found: dict[int | str, tuple[str, float]] = {"python": ("python", time.process_time())}
     for pid in descendant_pids(os.getpid()):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
         except OSError:
-            pass
-    return total
+            continue
+        found[pid] = (process_kind(pid), (int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+    return found
+
+
+def cpu_used_by_kind(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two `cpu_seconds_by_process` snapshots, summed per process kind."""
+    used: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        used[kind] = used.get(kind, 0.0) + cpu - before.get(pid, (kind, 0.0))[1]
+    return dict(sorted(used.items(), key=lambda kv: -kv[1]))
+
+
+def cpu_seconds_of_tree() -> float:
+    """CPU time (user+system) of this process and every live descendant (driver, Chromium)."""
+    return sum(cpu for _, cpu in cpu_seconds_by_process().values())
 
 
 async def worker(env: MiniWobEnv, index: int, deadline: float, per_task: int, stats: dict) -> None:
@@ -84,9 +110,10 @@ async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | N
         await asyncio.gather(*(env.reset(Task(id="warm", env="miniwob", params={"task": "click-test"}))
                                for env in envs))
         stats: dict[str, list] = {"reset_s": [], "step_s": [], "success": []}
-        start, cpu_start = time.perf_counter(), cpu_seconds_of_tree()
+        start, cpu_start = time.perf_counter(), cpu_seconds_by_process()
         await asyncio.gather(*(worker(env, i, start + seconds, per_task, stats) for i, env in enumerate(envs)))
-        wall, cpu = time.perf_counter() - start, cpu_seconds_of_tree() - cpu_start
+        wall, cpu_by_kind = time.perf_counter() - start, cpu_used_by_kind(cpu_start, cpu_seconds_by_process())
+        cpu = sum(cpu_by_kind.values())
         memory = pss_mb(process_group_pids(browser.pid)) if browser.pid else float("nan")
     finally:
         for env in envs:
@@ -98,7 +125,9 @@ async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | N
             "success_rate": sum(stats["success"]) / max(1, len(stats["success"])),
             "step_ms_p50": statistics.median(step_ms), "step_ms_p95": step_ms[int(0.95 * (steps - 1))],
             "reset_ms_p50": 1000 * statistics.median(stats["reset_s"]),
-            "cpu_s": cpu, "steps_per_cpu_s": steps / cpu, "chromium_pss_mb": memory}
+            "cpu_s": cpu, "steps_per_cpu_s": steps / cpu, "chromium_pss_mb": memory,
+            "chromium": browser.chromium_path,
+            "cpu_ms_per_step_by_process": {k: round(1000 * v / max(1, steps), 1) for k, v in cpu_by_kind.items()}}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -108,6 +137,10 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['envs']:>4} {r['episodes_per_task']:>7} {r['steps']:>6} {r['steps_per_s']:>8.1f} {r['resets_per_s']:>8.1f} "
               f"{r['success_rate']:>7.2f} {r['step_ms_p50']:>8.1f} {r['step_ms_p95']:>8.1f} "
               f"{r['reset_ms_p50']:>9.1f} {r['steps_per_cpu_s']:>8.1f} {r['chromium_pss_mb']:>16.0f}")
+    print("CPU ms per step by process:")
+    for r in rows:
+        parts = ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_step_by_process"].items() if v >= 0.1)
+        print(f"  envs {r['envs']}, ep/task {r['episodes_per_task']}: {parts}")
 
 
 if __name__ == "__main__":
@@ -116,17 +149,19 @@ if __name__ == "__main__":
     parser.add_argument("--episodes-per-task", default="1,8",
                         help="comma-separated: episodes of one task before switching (1 = reload every reset)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per env count")
-    parser.add_argument("--chromium", default=None, help="Chromium binary (default: Debian's)")
+    parser.add_argument("--chromium", default=None,
+                        help="Chromium binary (default: the env's, Debian's chromium-headless-shell)")
     parser.add_argument("--out", default="bench/results/env_miniwob.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # the run itself drives the load up: check this one is < 1
     rows = [asyncio.run(run(int(n), int(k), args.seconds, args.chromium))
             for n in args.envs.split(",") for k in args.episodes_per_task.split(",")]
     print_table(rows)
     load = os.getloadavg()[0]
     meta = {"machine": platform.platform(), "cpu": platform.processor() or platform.machine(),
             "cores_visible": os.cpu_count(), "load_avg_1min": load, "tasks": BENCH_TASKS,
-            "screenshot_px": [320, 420], "python": platform.python_version()}
+            "screenshot_px": [320, 420], "python": platform.python_version(), "load_avg_1min_before": load_before}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    print(f"wrote {out}  (load average {load:.2f})")
+    print(f"wrote {out}  (load average {load_before:.2f} before, {load:.2f} after)")
