@@ -144,6 +144,8 @@ class GRPOConfig:
     """Decoupled PPO objective for stale samples (proximal log-probs recomputed before the update)."""
     max_is_weight: float = 5.0
     """Clamp on the behaviour importance weight exp(prox - behav) in the decoupled objective."""
+    minibatches: int = 1
+    """Optimizer steps per rollout batch (PPO mini-batches, whole groups each); the clip keeps later ones close."""
 
 
 @dataclass

@@ -199,7 +199,7 @@ class TrainingRun:
                 break
             step = self.state.step + 1
             consumed_version = self.trainer.version
-            samples = [Sample(turn, adv) for g in batch for turn, adv in g.samples()]
+            samples = [Sample(turn, adv, g.group_id) for g in batch for turn, adv in g.samples()]
             stats = await asyncio.to_thread(self.trainer.update, samples, self.policy.set_version)
             await controller.notify_version()
             self.state.step = step

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from cua_kit.config import GRPOConfig, LoraConfig, ModelConfig, TrainerConfig
-from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches
+from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches, split_minibatches
 from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import load_policy
@@ -80,6 +80,35 @@ def test_loss_is_finite_with_a_garbage_completion(tiny_path):
     stats = _trainer(loaded, kl_ctl=0.01).update([Sample(garbage, 1.0), Sample(turns[1], -1.0), Sample(empty, 1.0)])
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert stats["n_samples"] == 2  # the empty completion carries no tokens and is left out
+
+
+def test_minibatches_keep_groups_whole_and_split_evenly():
+    rows = [Sample(TurnSample([0], [1], [0.0], [], 0), 1.0, group) for group in "aaabbcccdd"]
+    chunks = split_minibatches(rows, 2)
+    assert ["".join(s.group for s in c) for c in chunks] == ["aaabb", "cccdd"]
+    assert len(split_minibatches(rows, 10)) == 4  # never more chunks than groups
+    assert split_minibatches(rows, 1) == [rows]
+
+
+def test_minibatches_take_several_steps_under_one_version(tiny_path):
+    loaded, turns = _samples(tiny_path, n=4, seed=3)
+    trainer = _trainer(loaded, kl_ctl=0.0, minibatches=2)
+    stats = trainer.update([Sample(t, a, g) for t, a, g in zip(turns, [1.0, -1.0, 1.0, -1.0], "aabb")])
+    assert stats["optimizer_steps"] == 2 and trainer.version == 1
+    # the second mini-batch is scored by weights the first one moved: its ratio to the behaviour is not 1
+    assert abs(stats["ratio_mean"] - 1.0) > 1e-4
+
+
+def test_stale_samples_get_proximal_logprobs_from_before_the_first_step(tiny_path):
+    loaded, turns = _samples(tiny_path, n=4, seed=4)
+    trainer = _trainer(loaded, kl_ctl=0.0, minibatches=2)
+    trainer.version = 1  # the samples were generated at version 0: stale by one
+    expected = trainer._no_grad_logprobs([Sample(t, 0.0) for t in turns], reference=False)
+    samples = [Sample(t, a, g) for t, a, g in zip(turns, [1.0, -1.0, 1.0, -1.0], "aabb")]
+    prox = trainer._proximal(samples)
+    for i, s in enumerate(samples):
+        n = len(s.turn.completion_ids)
+        assert torch.allclose(prox[id(s)], expected[i, -n:], atol=1e-5)
 
 
 def test_micro_batches_respect_the_token_budget(tiny_path):
