@@ -30,9 +30,11 @@ from cua_kit.actions import Action
 from cua_kit.envs.base import Env, EnvError, Observation, StepResult, Task
 
 # Debian's chromium-headless-shell (the old headless mode, what Playwright itself runs headless) is the
-# default: on the 2-core dev VM it did ~2x the steps per CPU-second of the full `chromium` binary with
-# the same flags (12.9 vs 5.7 with 8 envs), and 8 idle task pages cost it 0.05 CPU-s per second instead
-# of 0.46 (docs/BENCHMARKS.md). The full binary stays the fallback when only it is installed.
+# default. On the 2-core dev VM, 8 envs, same flags (docs/BENCHMARKS.md): with the old env code it did
+# 1.3-2.3x the steps per CPU-second of the full `chromium` binary (9.2-12.9 vs 5.7-9.4; 8 idle pages
+# cost full chromium 0.46 CPU-s per second); with this file's fewer round trips 11.1-12.5 vs 6.6-10.2,
+# at about half the memory (~530 vs ~1,000 MiB PSS). The full binary stays the fallback when only it
+# is installed.
 HEADLESS_SHELL_PATH = "/usr/lib/chromium/chromium-headless-shell"
 FULL_CHROMIUM_PATH = "/usr/lib/chromium/chromium"
 INSTALL_LINE = "apt-get install -y --no-install-recommends chromium-headless-shell"
