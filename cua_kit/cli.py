@@ -61,9 +61,11 @@ def _load(args: argparse.Namespace, extra: list[str]):
 
 # ----------------------------------------------------------------------------- make-tiny-model
 def _add_make_tiny(p: argparse.ArgumentParser) -> None:
+    from cua_kit.models.tiny import ARCHS, SIZES
+
     p.add_argument("out_dir", help="folder to write the model into (Hub layout)")
-    p.add_argument("--arch", choices=["qwen3_vl", "qwen2_5_vl"], default="qwen3_vl")
-    p.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--arch", choices=list(ARCHS), default="qwen3_vl")
+    p.add_argument("--size", choices=list(SIZES), default="tiny")
     p.add_argument("--seed", type=int, default=0)
 
 

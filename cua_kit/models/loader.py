@@ -60,9 +60,11 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         return cfg.name
     spec = cfg.name.removeprefix("builtin:")
     arch, _, size = spec.rpartition("-")
-    if arch not in ("qwen3_vl", "qwen2_5_vl") or size not in ("tiny", "small"):
-        raise ValueError(f"model.name={cfg.name!r}: builtin models are builtin:<qwen3_vl|qwen2_5_vl>-<tiny|small>")
-    from cua_kit.models.tiny import BUILDER_VERSION
+    from cua_kit.models.tiny import ARCHS, BUILDER_VERSION, SIZES
+
+    if arch not in ARCHS or size not in SIZES:
+        raise ValueError(f"model.name={cfg.name!r}: builtin models are "
+                         f"builtin:<{'|'.join(ARCHS)}>-<{'|'.join(SIZES)}>")
 
     folder = Path(cfg.cache_dir).expanduser() / f"{spec}-v{BUILDER_VERSION}"
     if not (folder / "config.json").exists():

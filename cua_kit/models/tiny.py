@@ -7,7 +7,8 @@ image processor, and `save_pretrained`s everything in the Hub layout. The folder
 the ordinary `AutoModelForImageTextToText` / `AutoProcessor.from_pretrained` path, the same code that
 loads `Qwen/Qwen3-VL-8B-Instruct` on a user's machine.
 
-Sizes: `tiny` (~0.5M params, unit tests) and `small` (~14M params, can learn GUI tasks on one GPU).
+Sizes: `tiny` (~0.5M params, unit tests and the CPU quickstart), `mini` (~1.7M, a CPU step up: measured on
+synth L0 in docs/BENCHMARKS.md) and `small` (~14M params, can learn GUI tasks on one GPU).
 head_dim is 32/64 (>= 32 so vLLM's CPU attention can serve them).
 """
 
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 Arch = Literal["qwen3_vl", "qwen2_5_vl"]
+ARCHS: tuple[str, ...] = ("qwen3_vl", "qwen2_5_vl")
 # Bumped whenever the builder's output changes (tokenizer corpus, sizes): builtin caches are per version.
 BUILDER_VERSION = 3
-Size = Literal["tiny", "small"]
+Size = Literal["tiny", "mini", "small"]
 
 # Qwen2/2.5/3's special tokens, in their real order (ids follow the BPE vocab here, not 151643+).
 SPECIAL_TOKENS = [
@@ -83,6 +85,8 @@ SIZES = {
     # text: hidden, layers, heads, kv heads, head_dim, mlp; vision: depth, hidden, heads, mlp; vocab
     "tiny": dict(hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128,
                  v_depth=2, v_hidden=32, v_heads=2, v_mlp=64, vocab=1024),
+    "mini": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384,
+                 v_depth=2, v_hidden=64, v_heads=2, v_mlp=128, vocab=1024),
     "small": dict(hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, mlp=1024,
                   v_depth=4, v_hidden=192, v_heads=3, v_mlp=768, vocab=4096),
 }
@@ -225,8 +229,8 @@ def make_tiny_model(out_dir: str | Path, arch: Arch = "qwen3_vl", size: Size = "
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
-    if arch not in ("qwen3_vl", "qwen2_5_vl"):
-        raise ValueError(f"unknown arch {arch!r}; choose qwen3_vl or qwen2_5_vl")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
     out = Path(out_dir)
