@@ -24,6 +24,7 @@ for t in synth_tasks(0, 4000, 'train') + synth_tasks(0, 100, 'eval'):
 start=$(date +%s)
 RUN=(env.task_file="$TASKS" trial_name="$TRIAL" model.adapter_path="outputs/learn_synth_gpu/$TRIAL/sft/adapter")
 python3 -m cua_kit.cli sft "$CONFIG" "${RUN[@]}" "$@"
-python3 -m cua_kit.cli train "$CONFIG" "${RUN[@]}" "$@"
+# TRAIN_WRAP: an optional profiler in front of the GRPO run, e.g. "py-spy record -o prof.json --format speedscope --"
+${TRAIN_WRAP:-} python3 -m cua_kit.cli train "$CONFIG" "${RUN[@]}" "$@"
 echo "curve: outputs/learn_synth_gpu/$TRIAL/eval/curve.jsonl"
 echo "wall time: $(( $(date +%s) - start )) s (SFT + GRPO + evals)"
