@@ -245,6 +245,8 @@ class TrainingRun:
             "staleness_mean": float(np.mean(stale)) if stale else 0.0, "staleness_max": max(stale, default=0),
             "episodes_per_hour": episodes_per_hour, "n_groups": len(batch),
             "n_dropped_stale": delta["groups_dropped_stale"], "n_zero_variance": sum(g.zero_variance for g in batch),
+            "n_filtered": delta["groups_filtered"],
+            "rollout_success_rate": delta["episodes_succeeded"] / max(1, delta["episodes_scored"]),
             "n_env_errors": delta["env_errors"],
             "n_samples": stats["n_samples"], "update_s": stats["update_s"],
             "turns_per_episode": float(np.mean([len(e.turns) for g in batch for e in g.valid])) if rewards else 0.0,

@@ -171,6 +171,24 @@ def test_staleness_bound_under_a_slow_trainer(loaded, max_staleness):
 
 
 # ---------------------------------------------------------------------------------------------- group filters
+def test_a_run_starved_by_the_filter_says_why(loaded, caplog, monkeypatch):
+    monkeypatch.setattr("cua_kit.rollout.controller.FILTERED_WARN_EVERY", 3)
+
+    async def main() -> None:
+        c = make_controller(loaded, [scripted_task("flat", 0.0)], scripted_pool(2), max_staleness=0, batch_size=1,
+                            max_concurrent_rollouts=2, filter_zero_variance=True)
+        await c.start()
+        try:
+            with pytest.raises(asyncio.TimeoutError):  # no group ever has a reward spread: no batch
+                await asyncio.wait_for(c.get_batch(), 3.0)
+        finally:
+            await shutdown(c)
+
+    with caplog.at_level("WARNING", logger="cua_kit.rollout.controller"):
+        asyncio.run(main())
+    assert any("no reward spread" in r.getMessage() and "warm-start" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("filter_zero_variance", [False, True])
 def test_zero_variance_groups_kept_or_filtered_and_counted(loaded, filter_zero_variance):
     tasks = [scripted_task("flat", 0.0), scripted_task("mixed", "by_env")]
@@ -191,6 +209,9 @@ def test_zero_variance_groups_kept_or_filtered_and_counted(loaded, filter_zero_v
 
     consumed, c = asyncio.run(main())
     flat_seen = c.stats.groups_zero_variance
+    # the unbiased rollout success counts filtered groups too: flat groups score 0/2, mixed ones 1/2
+    groups_scored = c.stats.episodes_scored // 2
+    assert c.stats.episodes_succeeded == groups_scored - flat_seen
     if filter_zero_variance:
         assert [g.task.id for g in consumed] == ["mixed", "mixed"]
         assert flat_seen >= 1 and c.stats.groups_filtered == flat_seen

@@ -31,6 +31,7 @@ from cua_kit.agent import Agent
 from cua_kit.rollout.episode import Episode, EpisodeSettings, TurnSample, run_episode
 
 log = logging.getLogger(__name__)
+FILTERED_WARN_EVERY = 50  # filtered (zero-variance) groups in a row between two warnings
 
 
 class TaskSampler:
@@ -98,6 +99,10 @@ class RolloutStats:
     groups_env_failed: int = 0
     episodes: int = 0
     env_errors: int = 0
+    # every scored episode, in kept *and* filtered groups: the unbiased rollout success rate is
+    # episodes_succeeded / episodes_scored (a batch of kept groups over-represents mixed outcomes)
+    episodes_scored: int = 0
+    episodes_succeeded: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -123,6 +128,7 @@ class RolloutController:
         self.s, self.episode_settings, self.run_dir = settings, episode_settings, run_dir
         self.on_group, self.run_id = on_group, run_id
         self.stats = RolloutStats()
+        self._filtered_in_a_row = 0
         self.buffer: list[Group] = []
         self.pending: dict[str, tuple[Task, int]] = {}  # admitted, not yet consumed: replayed on resume
         self.replay: list[tuple[Task, int]] = []
@@ -200,6 +206,8 @@ class RolloutController:
         valid = [e for e in episodes if e.reward is not None]
         self.stats.episodes += len(episodes)
         self.stats.env_errors += len(episodes) - len(valid)
+        self.stats.episodes_scored += len(valid)
+        self.stats.episodes_succeeded += sum(e.success for e in valid)
         advantages: list[float] = []
         if len(valid) >= 2:
             rewards = torch.tensor([e.reward for e in valid], dtype=torch.float32)
@@ -219,9 +227,20 @@ class RolloutController:
             if self.s.filter_zero_variance:
                 self.stats.groups_filtered += 1
                 self.pending.pop(group.group_id, None)
+                self._warn_if_starving(group)
                 return
+        self._filtered_in_a_row = 0
         self.stats.groups_accepted += 1
         self.buffer.append(group)
+
+    def _warn_if_starving(self, group: Group) -> None:
+        """Every FILTERED_WARN_EVERY filtered groups in a row, say why no batch comes (a run can wait forever)."""
+        self._filtered_in_a_row += 1
+        if self._filtered_in_a_row % FILTERED_WARN_EVERY == 0:
+            log.warning("%d groups in a row had no reward spread (last: all %s) and were filtered "
+                        "(rollout.filter_zero_variance): no batch yet. A policy that never (or always) succeeds "
+                        "gives GRPO no signal: warm-start it (cua-kit sft), change rollout.temperature, or "
+                        "pick easier/harder tasks.", self._filtered_in_a_row, group.rewards[0] if group.rewards else "-")
 
     # ------------------------------------------------------------------ consumption
     async def get_batch(self) -> list[Group]:
