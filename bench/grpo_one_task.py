@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from cua_kit.grpo.trainer import GRPOTrainer, Sample
 from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import load_policy
 from cua_kit.rollout.episode import Episode, run_episode
-from cua_kit.sft import record_demos, train_sft
+from cua_kit.sft import record_demos, train_sft_steps
 from cua_kit.train import episode_settings, make_agent, make_pool, tasks_for
 
 
@@ -46,27 +45,24 @@ class OneTask:
         self.sft_steps = sft_steps
         self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch)
         self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
+        self.pool, self.settings = make_pool(cfg), episode_settings(cfg)  # one env pool for every episode played
 
     async def warm_start(self) -> None:
         """SFT on the oracle demos of the config's train tasks for `sft_steps` optimizer steps."""
         cfg, sft_steps = self.cfg, self.sft_steps
         demos = await record_demos(cfg, self.agent, tasks_for(cfg, "train")[: cfg.sft.max_tasks or None], 1)
-        epochs = max(1, math.ceil(sft_steps * cfg.sft.batch_size / len(demos)))
-        train_sft(self.loaded, demos[: sft_steps * cfg.sft.batch_size] if epochs == 1 else demos, epochs,
-                  cfg.sft.batch_size, cfg.sft.learning_rate, cfg.trainer.seed, log_every=10**9)
+        train_sft_steps(self.loaded, demos, sft_steps, cfg.sft.batch_size, cfg.sft.learning_rate, cfg.trainer.seed)
 
     async def play(self, task, n: int) -> list[Episode]:
-        pool = make_pool(self.cfg)
-        settings = episode_settings(self.cfg)
-
         async def one(i: int) -> Episode:
-            async with pool.lease() as env:
-                return await run_episode(env, task, self.agent, self.policy, settings, f"{task.id}-{i}", None, i)
+            async with self.pool.lease() as env:
+                return await run_episode(env, task, self.agent, self.policy, self.settings, f"{task.id}-{i}", None, i)
 
-        try:
-            return list(await asyncio.gather(*(one(i) for i in range(n))))
-        finally:
-            await pool.close()
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    async def close(self) -> None:
+        await self.policy.close()
+        await self.pool.close()
 
     async def pick_task(self, search: int, n: int, low: float, high: float):
         """The first train task whose sampled success is in [low, high] (else the one closest to the middle)."""
@@ -104,7 +100,7 @@ async def run(cfg: Config, args: argparse.Namespace) -> dict:
             print(f"{step:>4} {r['success']:>8.2f} {r['pg_loss']:>9.4f} {r['grad_norm']:>9.3f} {r['entropy']:>8.3f}",
                   flush=True)
     finally:
-        await check.policy.close()
+        await check.close()
     return {"task": task.id, "start_success": start_rate, "steps": rows, "model": cfg.model.name,
             "temperature": cfg.rollout.temperature, "learning_rate": cfg.trainer.learning_rate,
             "samples": args.samples, "wall_s": round(time.time() - t0, 1), "machine": platform.processor() or platform.machine()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import time
 
 import torch
@@ -24,7 +23,7 @@ from cua_kit.config import Config, load_config
 from cua_kit.evaluate import run_eval
 from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import LoadedPolicy, load_policy
-from cua_kit.sft import record_demos, train_sft
+from cua_kit.sft import record_demos, train_sft_steps
 from cua_kit.train import make_agent, make_pool, tasks_for, train
 
 
@@ -45,14 +44,12 @@ def warm_start(cfg: Config, n_demos: int, sft_steps: int) -> dict:
     loaded = load_policy(cfg.model, cfg.lora)
     agent = make_agent(cfg, loaded.processor)
     demos = asyncio.run(record_demos(cfg, agent, tasks_for(cfg, "train")[:n_demos], 1))
-    epochs = max(1, math.ceil(sft_steps * cfg.sft.batch_size / len(demos)))
-    batch = min(cfg.sft.batch_size, len(demos))
     t = time.time()
-    losses = train_sft(loaded, demos, epochs, batch, cfg.sft.learning_rate, cfg.trainer.seed, log_every=10**9)
+    losses = train_sft_steps(loaded, demos, sft_steps, cfg.sft.batch_size, cfg.sft.learning_rate, cfg.trainer.seed)
     train_s = time.time() - t
     out = cfg.run_dir / f"demos{n_demos}" / "adapter"
     loaded.model.save_pretrained(out)
-    row = {"demos": n_demos, "epochs": epochs, "sft_steps": len(losses), "nll": round(sum(losses[-5:]) / 5, 4),
+    row = {"demos": n_demos, "sft_steps": len(losses), "nll": round(sum(losses[-5:]) / len(losses[-5:]), 4),
            "train_s": round(train_s, 1), "greedy": asyncio.run(held_out(cfg, loaded, 0.0, f"demos{n_demos}g")),
            "sampled": asyncio.run(held_out(cfg, loaded, cfg.rollout.temperature, f"demos{n_demos}s")),
            "adapter": str(out)}

@@ -9,6 +9,7 @@ negative log-likelihood of the target tokens. The adapter is saved in plain peft
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -90,6 +91,15 @@ def train_sft(policy: LoadedPolicy, demos: list[Demo], epochs: int, batch_size: 
                 print(f"[{time.strftime('%H:%M:%S')}] SFT epoch {epoch + 1}/{epochs} step {len(losses)} "
                       f"| NLL: {loss.item():.4f}", flush=True)
     return losses
+
+
+def train_sft_steps(policy: LoadedPolicy, demos: list[Demo], steps: int, batch_size: int, lr: float,
+                    seed: int = 1, log_every: int = 10**9) -> list[float]:
+    """`train_sft` for about `steps` optimizer steps: as many whole epochs over `demos` as that takes (SFT to
+    convergence on few demos, not a run cut short); the batch is capped at the number of demos."""
+    batch = min(batch_size, len(demos))
+    epochs = max(1, math.ceil(steps * batch / len(demos)))
+    return train_sft(policy, demos, epochs, batch, lr, seed, log_every)
 
 
 def run_sft(cfg: Config) -> Path:
