@@ -131,6 +131,7 @@ class TrainingRun:
         self.stop_requested = asyncio.Event()
         self._last_counts: dict[str, int] = {}
         self._gen_seen, self._gen_busy = 0, 0.0
+        self._signals: list[int] = []  # the signals whose handlers this run installed
 
     def _controller(self, pool: EnvPool) -> RolloutController:
         c = self.cfg
@@ -301,7 +302,6 @@ class TrainingRun:
 
     def _install_signals(self) -> None:
         """SIGTERM/Ctrl-C: finish the step, checkpoint, stop. Only the main thread can own signals."""
-        self._signals: list[int] = []
         if threading.current_thread() is not threading.main_thread():
             return
         loop = asyncio.get_running_loop()
@@ -311,7 +311,7 @@ class TrainingRun:
 
     def _remove_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in getattr(self, "_signals", []):
+        for sig in self._signals:
             loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
