@@ -138,6 +138,14 @@ def _db_rows(out: Path, sql: str):
         return conn.execute(sql).fetchall()
 
 
+def _steps_written(out: Path) -> int:
+    """Rows in the steps table so far; 0 while the file or its schema is still being created."""
+    try:
+        return _db_rows(out, "select count(*) from steps")[0][0]
+    except sqlite3.OperationalError:  # the writer opened the file but has not created the tables yet
+        return 0
+
+
 def _tasks_per_step(out: Path):
     rows = _db_rows(out, "select step, task_id from groups where step is not null order by step")
     return {step: task for step, task in rows}
@@ -180,7 +188,7 @@ def test_sigterm_saves_a_checkpoint_and_marks_the_run_stopped(tmp_path):
     deadline = time.time() + 300
     db = out / "quickstart/trial0/trace.db"
     while time.time() < deadline:
-        if db.exists() and _db_rows(out, "select count(*) from steps")[0][0] >= 1:
+        if db.exists() and _steps_written(out) >= 1:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
