@@ -31,7 +31,7 @@ from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import load_policy
 from cua_kit.rollout.episode import Episode, run_episode
 from cua_kit.sft import record_demos, train_sft_steps
-from cua_kit.train import episode_settings, make_agent, make_pool, tasks_for
+from cua_kit.train import attach_action_grammar, episode_settings, make_agent, make_pool, tasks_for
 
 
 class OneTask:
@@ -40,7 +40,7 @@ class OneTask:
     def __init__(self, cfg: Config, sft_steps: int):
         torch.manual_seed(cfg.trainer.seed)
         self.cfg = cfg
-        self.loaded = load_policy(cfg.model, cfg.lora)
+        self.loaded = attach_action_grammar(cfg, load_policy(cfg.model, cfg.lora))
         self.agent = make_agent(cfg, self.loaded.processor)
         self.sft_steps = sft_steps
         self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch)

@@ -46,10 +46,11 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     from cua_kit.evaluate import adapter_folder, run_eval
     from cua_kit.inference.hf import HFPolicy
     from cua_kit.models.loader import load_policy
-    from cua_kit.train import make_agent, make_pool
+    from cua_kit.train import attach_action_grammar, make_agent, make_pool
 
     cfg = _load(args, extra)
-    loaded = load_policy(cfg.model, cfg.lora, adapter_path=adapter_folder(args.checkpoint) if args.checkpoint else None)
+    adapter = adapter_folder(args.checkpoint) if args.checkpoint else None
+    loaded = attach_action_grammar(cfg, load_policy(cfg.model, cfg.lora, adapter_path=adapter))
 
     async def go():
         policy, pool = HFPolicy(loaded, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms), make_pool(cfg)

@@ -120,6 +120,9 @@ class RolloutConfig:
     """Drop groups whose rewards are all equal (they carry no gradient); counted either way."""
     format_penalty: float = 0.0
     """Subtracted from the reward of an episode per unparsable action (reward units)."""
+    constrain_actions: bool = False
+    """Constrained decoding: every completion is a well-formed tool call of the env's tool (xgrammar); the
+    scoring forward applies the same mask. Off for models that think before they act (text before the call)."""
     max_batch: int = 8
     """Generation requests batched into one generate call at most."""
     batch_wait_ms: float = 5.0

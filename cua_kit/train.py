@@ -74,6 +74,17 @@ def make_agent(cfg: Config, processor: Any) -> Agent:
                  tool_description=r.tool_description)
 
 
+def attach_action_grammar(cfg: Config, loaded: LoadedPolicy) -> LoadedPolicy:
+    """`rollout.constrain_actions`: generation and scoring of `loaded` keep to the env tool's call grammar."""
+    if cfg.rollout.constrain_actions:
+        from cua_kit.inference.grammar import ActionGrammar
+
+        vocab = loaded.model.get_output_embeddings().weight.shape[0]
+        loaded.action_grammar = ActionGrammar(loaded.tokenizer, env_class(cfg.env.name).tool, cfg.model.coord_mode,
+                                              vocab)
+    return loaded
+
+
 def episode_settings(cfg: Config, temperature: float | None = None) -> EpisodeSettings:
     r = cfg.rollout
     sampling = SamplingParams(r.temperature if temperature is None else temperature, r.top_p, r.top_k, r.max_new_tokens)
@@ -120,7 +131,8 @@ class TrainingRun:
         _seed_everything(cfg.trainer.seed)
         # with a warm start, the KL reference is the warm-start policy (frozen), not the bare base model
         reference = cfg.model.adapter_path if (cfg.model.adapter_path and cfg.grpo.kl_ctl > 0) else None
-        self.loaded: LoadedPolicy = load_policy(cfg.model, cfg.lora, adapter_path=adapter, reference_adapter=reference)
+        self.loaded: LoadedPolicy = attach_action_grammar(
+            cfg, load_policy(cfg.model, cfg.lora, adapter_path=adapter, reference_adapter=reference))
         self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms)
         self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
         self.train_tasks = tasks_for(cfg, cfg.env.train_split)

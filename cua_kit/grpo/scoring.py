@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from cua_kit.grpo.losses import entropy_from_logits, token_logprobs
+from cua_kit.inference.grammar import ActionGrammar
 from cua_kit.models.inputs import Row, collate, vision_special_ids
 
 
@@ -36,11 +37,13 @@ def completion_targets(completions: Sequence[Sequence[int]], device: torch.devic
 
 
 def score(model: Any, processor: Any, rows: Sequence[tuple[list[int], list[int], list[Any]]],
-          temperature: float, device: torch.device, with_entropy: bool = False) -> Scored:
+          temperature: float, device: torch.device, with_entropy: bool = False,
+          grammar: ActionGrammar | None = None) -> Scored:
     """rows: (prompt_ids, completion_ids, images). Grad flows unless the caller is under no_grad.
 
     The policy is the model's distribution with the vision special tokens banned, as at sampling
-    (`vision_special_ids`): without the same ban here, ratios at a fresh sample would not be 1.
+    (`vision_special_ids`): without the same ban here, ratios at a fresh sample would not be 1. For the
+    same reason a policy sampled under an action grammar is scored under it (`grammar`).
     """
     batch = collate(processor, [Row(p + c, imgs) for p, c, imgs in rows], device)
     targets, mask = completion_targets([c for _, c, _ in rows], device)
@@ -48,6 +51,8 @@ def score(model: Any, processor: Any, rows: Sequence[tuple[list[int], list[int],
     logits = model(**batch, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
     logits = logits[:, -width:].clone()
     logits[..., vision_special_ids(processor.tokenizer)] = float("-inf")
+    if grammar is not None:
+        logits = logits.masked_fill(~grammar.allowed([c for _, c, _ in rows], width, device), float("-inf"))
     logprobs = token_logprobs(logits, targets, temperature)
     entropy = None
     if with_entropy:

@@ -119,7 +119,8 @@ class GRPOTrainer:
         model = self.policy.model
         ctx = reference_model(model) if reference else contextlib.nullcontext(model)
         with torch.no_grad(), self._autocast(), ctx as m:
-            return score(m, self.policy.processor, self._rows(batch), self.temperature, self.policy.device).logprobs
+            return score(m, self.policy.processor, self._rows(batch), self.temperature, self.policy.device,
+                         grammar=self.policy.action_grammar).logprobs
 
     def update(self, samples: list[Sample], on_version: Callable[[int], None] | None = None) -> dict[str, float]:
         """One optimizer step over `samples`; returns the step's stats. Bumps `version`, and calls
@@ -188,7 +189,7 @@ class GRPOTrainer:
         ref = self._no_grad_logprobs(batch, reference=True) if self.grpo.kl_ctl > 0 else None
         with self._autocast():
             scored = score(self.policy.model, self.policy.processor, self._rows(batch), self.temperature, device,
-                           with_entropy=True)
+                           with_entropy=True, grammar=self.policy.action_grammar)
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device)
         loss, stats = grpo_loss(scored.logprobs, behav, adv, scored.mask, ref_logp=ref, prox_logp=prox,
                                 beta=self.grpo.kl_ctl, eps_low=self.grpo.eps_clip, eps_high=self.grpo.eps_clip_high,

@@ -118,6 +118,7 @@ class HFPolicy:
                 **inputs, **_sampling_kwargs(sampling), max_new_tokens=sampling.max_new_tokens,
                 suppress_tokens=self._suppress, eos_token_id=self._eos,
                 pad_token_id=self.loaded.tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True,
+                logits_processor=self._grammar_processors(),
             )
             self.batch_sizes.append(len(requests))
             self.busy_s += time.perf_counter() - start
@@ -128,6 +129,10 @@ class HFPolicy:
         logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
         chosen = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return [self._completion(new_tokens[i], chosen[i], version) for i in range(len(requests))]
+
+    def _grammar_processors(self) -> list:
+        grammar = self.loaded.action_grammar
+        return [grammar.logits_processor()] if grammar is not None else []
 
     def _completion(self, tokens: torch.Tensor, logprobs: torch.Tensor, version: int) -> Completion:
         ids = tokens.tolist()

@@ -33,6 +33,8 @@ class LoadedPolicy:
     device: torch.device
     dtype: torch.dtype
     targets: ResolvedTargets | None = None
+    # set by `constrain_actions`: generation and scoring both restrict the policy to this grammar
+    action_grammar: Any = None
 
     @property
     def tokenizer(self) -> Any:
