@@ -5,7 +5,7 @@
 # and passes env.task_file to both commands; overrides given here come after, so they win.
 # Usage: bash bench/gpu_learn.sh [extra overrides for both commands...]
 set -euo pipefail
-if [ -d .whl ] && ! python3 -c "import peft, sqlite_utils" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import peft, sqlite_utils, xgrammar" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi

@@ -8,13 +8,15 @@ Tc + 1 positions instead of every image token (platform-facts #4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from cua_kit.grpo.losses import entropy_from_logits, token_logprobs
-from cua_kit.inference.grammar import ActionGrammar
 from cua_kit.models.inputs import Row, collate, vision_special_ids
+
+if TYPE_CHECKING:  # xgrammar is imported only where a run constrains its actions
+    from cua_kit.inference.grammar import ActionGrammar
 
 
 @dataclass
