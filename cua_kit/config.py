@@ -177,6 +177,9 @@ class TrainerConfig:
     """Held-out episodes run before training and at the end (0 = no eval); success is printed and traced."""
     eval_temperature: float = 0.0
     """Sampling temperature for eval (0 = greedy)."""
+    eval_sampled: bool = False
+    """Each eval also runs the held-out episodes sampled at rollout.temperature (the policy GRPO trains);
+    printed beside the first and written to the curve as success_rate_sampled."""
     eval_every: int = 0
     """Also run the held-out eval every N steps (0 = only before and after); the learning curve."""
 

@@ -20,12 +20,13 @@ from cua_kit.trace.store import TraceWriter
 
 
 async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, episodes: int, run_dir: Path,
-                   label: str) -> dict[str, Any]:
-    """Run `episodes` held-out episodes; returns {"episodes", "success_rate", "env_errors", "trace"}."""
+                   label: str, temperature: float | None = None) -> dict[str, Any]:
+    """Run `episodes` held-out episodes at `temperature` (default trainer.eval_temperature);
+    returns {"episodes", "success_rate", "env_errors", "trace"}."""
     from cua_kit.train import episode_settings, tasks_for
 
     tasks = tasks_for(cfg, cfg.env.eval_split)
-    settings = episode_settings(cfg, temperature=cfg.trainer.eval_temperature)
+    settings = episode_settings(cfg, cfg.trainer.eval_temperature if temperature is None else temperature)
     out_dir = run_dir / "eval" / label
     limit = asyncio.Semaphore(max(1, cfg.rollout.max_concurrent_rollouts))
 

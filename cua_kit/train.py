@@ -303,13 +303,21 @@ class TrainingRun:
     async def _evaluate(self, pool: EnvPool, label: str) -> dict[str, float]:
         from cua_kit.evaluate import run_eval
 
-        result = await run_eval(self.cfg, self.policy, pool, make_agent(self.cfg, self.loaded.processor),
-                                self.cfg.trainer.eval_episodes, self.run_dir, label)
+        agent, episodes = make_agent(self.cfg, self.loaded.processor), self.cfg.trainer.eval_episodes
+        result = await run_eval(self.cfg, self.policy, pool, agent, episodes, self.run_dir, label)
+        point = {"label": label, "step": self.state.step, "time": time.time(),
+                 "success_rate": result["success_rate"], "episodes": result["episodes"]}
+        sampled = ""
+        if self.cfg.trainer.eval_sampled:
+            temperature = self.cfg.rollout.temperature
+            extra = await run_eval(self.cfg, self.policy, pool, agent, episodes, self.run_dir, f"{label}-sampled",
+                                   temperature)
+            point["success_rate_sampled"] = extra["success_rate"]
+            sampled = f" | sampled at T={temperature:g}: {100 * extra['success_rate']:.1f}%"
         print(f"[Eval {label}] held-out success: {100 * result['success_rate']:.1f}% "
-              f"over {result['episodes']} episodes", flush=True)
+              f"over {result['episodes']} episodes{sampled}", flush=True)
         with open(self.run_dir / "eval" / "curve.jsonl", "a") as f:  # the learning curve, one line per eval
-            f.write(json.dumps({"label": label, "step": self.state.step, "time": time.time(),
-                                "success_rate": result["success_rate"], "episodes": result["episodes"]}) + "\n")
+            f.write(json.dumps(point) + "\n")
         return result
 
     def _install_signals(self) -> None:

@@ -151,6 +151,19 @@ def _tasks_per_step(out: Path):
     return {step: task for step, task in rows}
 
 
+def test_constrained_run_writes_only_valid_actions_and_a_sampled_curve(tmp_path):
+    out = tmp_path / "grammar"
+    subprocess.run(_train_cmd(out, "trainer.max_steps=1", "rollout.constrain_actions=true", "rollout.max_turns=1",
+                              "rollout.max_new_tokens=120", "trainer.eval_episodes=2", "trainer.eval_sampled=true"),
+                   check=True, env=_env(tmp_path), capture_output=True, timeout=600)
+    # a random tiny model under the grammar: every turn it finished is an action the parser runs
+    errors = _db_rows(out, "select parse_error from turns where n_completion_tokens < 120")
+    assert errors and all(e is None for (e,) in errors)
+    curve = [json.loads(line) for line in (out / "quickstart/trial0/eval/curve.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in curve] == ["before", "after"]
+    assert all(0.0 <= p["success_rate_sampled"] <= 1.0 for p in curve)
+
+
 @pytest.mark.slow
 def test_sigkill_then_auto_resume_continues_steps_and_tasks(tmp_path):
     reference = tmp_path / "ref"
