@@ -168,3 +168,23 @@ def test_unsloth_loader_fails_clearly_without_gpu():
         pytest.skip("this machine has a GPU: the message is for CPU machines")
     with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
         load_policy(ModelConfig(loader="unsloth"), LoraConfig())
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_width_axis_turns_as_fast_per_patch_as_in_the_real_qwen3_vl(head_dim):
+    """The builder's rope_theta keeps the width axis's fastest mrope frequency (interleaved index 2) at the
+    real Qwen3-VL-8B's angle per patch; with the real theta a 32-dim head turned 4x slower and tiny models
+    could not tell columns apart."""
+    from cua_kit.models.tiny import qwen3_vl_rope_theta
+
+    real = 5_000_000.0 ** (-4 / 128)
+    assert qwen3_vl_rope_theta(head_dim) ** (-4 / head_dim) == pytest.approx(real, rel=1e-3)
+
+
+def test_built_tiny_model_uses_the_scaled_rope_theta(tiny_model_dir):
+    import json
+
+    from cua_kit.models.tiny import qwen3_vl_rope_theta
+
+    text = json.loads((Path(tiny_model_dir) / "config.json").read_text())["text_config"]
+    assert text["rope_parameters"]["rope_theta"] == qwen3_vl_rope_theta(text["head_dim"])
