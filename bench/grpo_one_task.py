@@ -27,11 +27,10 @@ import torch
 from cua_kit.config import Config, load_config
 from cua_kit.grpo.losses import group_advantages
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
-from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import load_policy
 from cua_kit.rollout.episode import Episode, run_episode
 from cua_kit.sft import record_demos, train_sft_steps
-from cua_kit.train import attach_action_grammar, episode_settings, make_agent, make_pool, tasks_for
+from cua_kit.train import attach_action_grammar, episode_settings, make_agent, make_policy, make_pool, tasks_for
 
 
 class OneTask:
@@ -43,7 +42,7 @@ class OneTask:
         self.loaded = attach_action_grammar(cfg, load_policy(cfg.model, cfg.lora))
         self.agent = make_agent(cfg, self.loaded.processor)
         self.sft_steps = sft_steps
-        self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch)
+        self.policy = make_policy(cfg, self.loaded)
         self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
         self.pool, self.settings = make_pool(cfg), episode_settings(cfg)  # one env pool for every episode played
 

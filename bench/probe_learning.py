@@ -21,15 +21,14 @@ import torch
 
 from cua_kit.config import Config, load_config
 from cua_kit.evaluate import run_eval
-from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import LoadedPolicy, load_policy
 from cua_kit.sft import record_demos, train_sft_steps
-from cua_kit.train import attach_action_grammar, make_agent, make_pool, tasks_for, train
+from cua_kit.train import attach_action_grammar, make_agent, make_policy, make_pool, tasks_for, train
 
 
 async def held_out(cfg: Config, loaded: LoadedPolicy, temperature: float, label: str) -> float:
     cfg.trainer.eval_temperature = temperature
-    policy, pool = HFPolicy(loaded, cfg.rollout.max_batch, 5), make_pool(cfg)
+    policy, pool = make_policy(cfg, loaded), make_pool(cfg)
     try:
         agent = make_agent(cfg, loaded.processor)
         return (await run_eval(cfg, policy, pool, agent, cfg.trainer.eval_episodes, cfg.run_dir, label))["success_rate"]

@@ -85,6 +85,12 @@ def attach_action_grammar(cfg: Config, loaded: LoadedPolicy) -> LoadedPolicy:
     return loaded
 
 
+def make_policy(cfg: Config, loaded: LoadedPolicy) -> HFPolicy:
+    """The in-process generation backend with the run's batching and cache settings."""
+    r = cfg.rollout
+    return HFPolicy(loaded, r.max_batch, r.batch_wait_ms, kv_cache=r.kv_cache)
+
+
 def episode_settings(cfg: Config, temperature: float | None = None) -> EpisodeSettings:
     r = cfg.rollout
     sampling = SamplingParams(r.temperature if temperature is None else temperature, r.top_p, r.top_k, r.max_new_tokens)
@@ -133,7 +139,7 @@ class TrainingRun:
         reference = cfg.model.adapter_path if (cfg.model.adapter_path and cfg.grpo.kl_ctl > 0) else None
         self.loaded: LoadedPolicy = attach_action_grammar(
             cfg, load_policy(cfg.model, cfg.lora, adapter_path=adapter, reference_adapter=reference))
-        self.policy = HFPolicy(self.loaded, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms)
+        self.policy = make_policy(cfg, self.loaded)
         self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
         self.train_tasks = tasks_for(cfg, cfg.env.train_split)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_tasks) / cfg.trainer.batch_size))

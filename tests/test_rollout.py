@@ -167,3 +167,29 @@ def test_version_bump_mid_episode_is_used_at_the_next_turn(loaded, tmp_path):
     episode = asyncio.run(main())
     assert episode.status == "max_turns" and episode.reward is not None
     assert episode.versions == [0, 1, 2]
+
+
+def test_static_kv_cache_pads_to_buckets_and_returns_the_same_greedy_completions(loaded):
+    """kv_cache=static pads the batch to a power of two and prompts to a multiple of 64 tokens (few shapes
+    to compile on CUDA); the padding must not change what each real request gets back."""
+    from cua_kit.agent import History
+    from cua_kit.inference.base import GenerationRequest
+    from cua_kit.inference.hf import _bucket
+
+    assert [_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8] and _bucket(9, 8) == 9
+    agent = Agent(loaded.processor, "mobile_use", "relative", 1, 61440, tool_description="compact")
+    env = make_env("synth", screen_size=(180, 320))
+    requests = []
+    for task in synth_tasks(0, 3, "eval"):
+        obs = asyncio.run(env.reset(task))
+        prompt = agent.build(History(obs.instruction or task.instruction, [obs.screenshot]))
+        requests.append(GenerationRequest(prompt.ids, prompt.images, SamplingParams(0.0, 1.0, 0, 12)))
+    dynamic = HFPolicy(loaded, max_batch=8).generate_sync(requests)
+    static_policy = HFPolicy(loaded, max_batch=8, kv_cache="static")
+    static = static_policy.generate_sync(requests)
+    assert len(static) == 3 and static_policy.batch_sizes == [3]
+    for d, s in zip(dynamic, static):
+        assert d.token_ids == s.token_ids
+        assert torch.allclose(torch.tensor(d.logprobs), torch.tensor(s.logprobs), atol=1e-4)
+    with pytest.raises(ValueError, match="kv_cache"):
+        HFPolicy(loaded, kv_cache="paged")

@@ -142,8 +142,8 @@ class ActionLogitsProcessor(transformers.LogitsProcessor):
                 bitmask[row] = -1  # all allowed: HF pads finished rows itself
             else:
                 matcher.fill_next_token_bitmask(bitmask, row)
-        allowed = unpack_bitmask(bitmask, scores.shape[-1]).to(scores.device)
-        return scores.masked_fill(~allowed, float("-inf"))
+        xgr.apply_token_bitmask_inplace(scores, bitmask.to(scores.device, non_blocking=True))
+        return scores
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

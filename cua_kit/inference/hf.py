@@ -9,6 +9,7 @@ the weights had while it was produced.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass
@@ -29,11 +30,19 @@ class _Pending:
 class HFPolicy:
     """Policy protocol over a transformers model (optionally a peft LoRA model) in this process."""
 
-    def __init__(self, loaded: LoadedPolicy, max_batch: int = 8, batch_wait_ms: float = 5.0):
+    def __init__(self, loaded: LoadedPolicy, max_batch: int = 8, batch_wait_ms: float = 5.0,
+                 kv_cache: str = "dynamic", generate_kwargs: dict | None = None):
+        if kv_cache not in ("dynamic", "static"):
+            raise ValueError(f"kv_cache must be 'dynamic' or 'static', got {kv_cache!r}")
         self.loaded = loaded
+        self.static = kv_cache == "static"
+        self.generate_kwargs = generate_kwargs or {}  # extra `generate` arguments (benchmarks)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
         self.model_lock = threading.RLock()
+        # one generation thread for the policy's life: the CUDA graphs that a compiled static-cache decode step
+        # records are thread-local, and asyncio.to_thread could hand each batch to a different thread
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
         self._version = 0
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
@@ -95,7 +104,8 @@ class HFPolicy:
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
-            results = await asyncio.to_thread(self.generate_sync, [p.request for p in batch])
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._thread, self.generate_sync, [p.request for p in batch])
         except Exception as exc:  # a failed batch fails its requests, not the worker
             for p in batch:
                 if not p.future.done():
@@ -107,20 +117,25 @@ class HFPolicy:
 
     def generate_sync(self, requests: list[GenerationRequest]) -> list[Completion]:
         """One left-padded generate call for requests that share sampling params."""
-        sampling = requests[0].sampling
+        sampling, n = requests[0].sampling, len(requests)
         model, processor = self.loaded.model, self.loaded.processor
+        rows = [Row(r.prompt_ids, r.images) for r in requests]
+        cache: dict = {}
+        if self.static:  # shapes from few buckets: the compiled decode step is reused, not recompiled
+            rows += [rows[-1]] * (_bucket(n, self.max_batch) - n)
+            cache = {"cache_implementation": "static"}
         with self.model_lock, torch.no_grad():
             start = time.perf_counter()
             version = self._version
             model.eval()
-            inputs = collate(processor, [Row(r.prompt_ids, r.images) for r in requests], self.loaded.device)
+            inputs = collate(processor, rows, self.loaded.device, pad_to_multiple=STATIC_WIDTH if self.static else 1)
             out = model.generate(
                 **inputs, **_sampling_kwargs(sampling), max_new_tokens=sampling.max_new_tokens,
                 suppress_tokens=self._suppress, eos_token_id=self._eos,
                 pad_token_id=self.loaded.tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True,
-                logits_processor=self._grammar_processors(),
+                logits_processor=self._grammar_processors(), **cache, **self.generate_kwargs,
             )
-            self.batch_sizes.append(len(requests))
+            self.batch_sizes.append(n)
             self.busy_s += time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:, width:]
@@ -128,7 +143,7 @@ class HFPolicy:
         # log-softmax is the behaviour distribution the tokens were drawn from.
         logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
         chosen = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        return [self._completion(new_tokens[i], chosen[i], version) for i in range(len(requests))]
+        return [self._completion(new_tokens[i], chosen[i], version) for i in range(n)]
 
     def _grammar_processors(self) -> list:
         grammar = self.loaded.action_grammar
@@ -143,6 +158,14 @@ class HFPolicy:
         for eos in ("<|im_end|>", "<|endoftext|>"):
             text = text.removesuffix(eos)
         return Completion(ids, logprobs[: len(ids)].tolist(), text, version, finish)
+
+
+STATIC_WIDTH = 64  # kv_cache=static: prompt widths are rounded up to a multiple of this
+
+
+def _bucket(n: int, max_batch: int) -> int:
+    """kv_cache=static: the batch is padded up to a power of two (at most max_batch, at least n)."""
+    return max(n, min(max_batch, 1 << (n - 1).bit_length()))
 
 
 def _sampling_kwargs(sampling: SamplingParams) -> dict:

@@ -39,14 +39,16 @@ def image_pixels(processor: Any, images: list[Image.Image]) -> dict[str, torch.T
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
-def collate(processor: Any, rows: list[Row], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-padded batch with attention_mask, mm_token_type_ids (1 on image tokens) and pixel inputs.
+def collate(processor: Any, rows: list[Row], device: torch.device | str = "cpu", pad_to_multiple: int = 1
+            ) -> dict[str, torch.Tensor]:
+    """Left-padded batch with attention_mask, mm_token_type_ids (1 on image tokens) and pixel inputs;
+    the width is rounded up to `pad_to_multiple` (fewer distinct shapes for a compiled decode step).
 
     Qwen3-VL's forward needs `mm_token_type_ids` whenever images are passed (platform-facts): it is
     derived from the ids, so completion tokens get 0 automatically.
     """
     tok = processor.tokenizer
-    width = max(len(r.ids) for r in rows)
+    width = -(-max(len(r.ids) for r in rows) // pad_to_multiple) * pad_to_multiple
     pad = tok.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
