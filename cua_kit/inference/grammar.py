@@ -1,13 +1,13 @@
 """Constrained decoding of actions: with `rollout.constrain_actions`, the policy can only write a tool call.
 
 The grammar is the set of canonical texts `format_action` writes for the env's tool and coordinate mode
-(`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` then `<|im_end|>`): one JSON schema
-per action, in the formatter's key order and separators, relative coordinates limited to 0..999.
-xgrammar compiles it for the model's tokenizer (the engine vLLM and SGLang use for structured output).
+(`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` then `<|im_end|>`): one EBNF alternative
+per action (`action_call_ebnf`), in the formatter's key order and separators, relative coordinates limited
+to 0..999. xgrammar compiles it for the model's tokenizer (the engine vLLM and SGLang use for structured output).
 
 Two places use it, and they must agree, or the importance ratio at a fresh sample would not be 1:
-- generation: `logits_processor(batch)` masks each step's logits to the tokens the grammar allows, so the
-  behaviour log-probs HF records are those of the constrained distribution;
+- generation: `logits_processor()` (a fresh one per `generate` call) masks each step's logits to the tokens
+  the grammar allows, so the behaviour log-probs HF records are those of the constrained distribution;
 - scoring: `allowed(completions, width)` replays the same matcher over the recorded tokens and gives the
   mask of every completion position; the scoring forward sets the rest to -inf before its log-softmax.
 

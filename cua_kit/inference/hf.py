@@ -138,10 +138,10 @@ class HFPolicy:
             self.batch_sizes.append(n)
             self.busy_s += time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
-        new_tokens = out.sequences[:, width:]
+        new_tokens = out.sequences[:n, width:]  # kv_cache=static: the bucket's padding rows are dropped here
         # scores are the *processed* logits (temperature, top-k/top-p, suppression applied): their
         # log-softmax is the behaviour distribution the tokens were drawn from.
-        logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+        logprobs = torch.stack([torch.log_softmax(s[:n].float(), dim=-1) for s in out.scores], dim=1)
         chosen = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return [self._completion(new_tokens[i], chosen[i], version) for i in range(n)]
 
