@@ -81,37 +81,60 @@ def cpu_seconds_of_tree() -> float:
     return sum(cpu for _, cpu in cpu_seconds_by_process().values())
 
 
+async def episode(env: MiniWobEnv, name: str, seed: int, label: str, stats: dict) -> None:
+    """One oracle episode (reset, oracle steps until done, at most 12); appends latencies and the outcome."""
+    task = Task(id=f"{name}-{label}-{seed}", env="miniwob", params={"task": name, "seed": seed})
+    t0 = time.perf_counter()
+    await env.reset(task)
+    stats["reset_s"].append(time.perf_counter() - t0)
+    for _ in range(12):
+        t0 = time.perf_counter()
+        action = await env.oracle_action()
+        stats["oracle_s"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        done = (await env.step(action)).done
+        stats["step_s"].append(time.perf_counter() - t0)
+        if done:
+            break
+    stats["success"].append(await env.evaluate() > 0)
+
+
 async def worker(env: MiniWobEnv, index: int, deadline: float, per_task: int, stats: dict) -> None:
     """Oracle episodes until the deadline, `per_task` seeds of a task before the next task (a new
-    task reloads the page, ~170 ms CPU); appends per-call latencies and outcomes to `stats`."""
-    episode = 0
+    task reloads the page, ~170 ms CPU)."""
+    n = 0
     while time.perf_counter() < deadline:
-        name = BENCH_TASKS[(index + episode // per_task) % len(BENCH_TASKS)]
-        task = Task(id=f"{name}-{index}-{episode}", env="miniwob", params={"task": name, "seed": episode})
-        t0 = time.perf_counter()
-        await env.reset(task)
-        stats["reset_s"].append(time.perf_counter() - t0)
-        for _ in range(12):
-            action = await env.oracle_action()
-            t0 = time.perf_counter()
-            done = (await env.step(action)).done
-            stats["step_s"].append(time.perf_counter() - t0)
-            if done:
-                break
-        stats["success"].append(await env.evaluate() > 0)
-        episode += 1
+        await episode(env, BENCH_TASKS[(index + n // per_task) % len(BENCH_TASKS)], n, str(index), stats)
+        n += 1
 
 
-async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | None) -> dict:
+async def fixed_worker(env: MiniWobEnv, share: list[tuple[str, int]], stats: dict) -> None:
+    """This env's contiguous share of the fixed work (so reloads happen only on a task change)."""
+    for name, seed in share:
+        await episode(env, name, seed, "fixed", stats)
+
+
+def fixed_shares(n_envs: int, per_task: int) -> list[list[tuple[str, int]]]:
+    """Every bench task x `per_task` seeds, split into `n_envs` contiguous shares of near-equal size."""
+    work = [(name, seed) for name in BENCH_TASKS for seed in range(per_task)]
+    bounds = [round(i * len(work) / n_envs) for i in range(n_envs + 1)]
+    return [work[bounds[i]:bounds[i + 1]] for i in range(n_envs)]
+
+
+async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | None, fixed: bool = False) -> dict:
     browser = MiniWobBrowser(chromium_path)
     envs = [MiniWobEnv(browser=browser) for _ in range(n_envs)]
     try:
         # Warm up: start the browser and load a page in every env before the clock starts.
         await asyncio.gather(*(env.reset(Task(id="warm", env="miniwob", params={"task": "click-test"}))
                                for env in envs))
-        stats: dict[str, list] = {"reset_s": [], "step_s": [], "success": []}
+        stats: dict[str, list] = {"reset_s": [], "step_s": [], "oracle_s": [], "success": []}
         start, cpu_start = time.perf_counter(), cpu_seconds_by_process()
-        await asyncio.gather(*(worker(env, i, start + seconds, per_task, stats) for i, env in enumerate(envs)))
+        if fixed:
+            await asyncio.gather(*(fixed_worker(env, share, stats)
+                                   for env, share in zip(envs, fixed_shares(n_envs, per_task))))
+        else:
+            await asyncio.gather(*(worker(env, i, start + seconds, per_task, stats) for i, env in enumerate(envs)))
         wall, cpu_by_kind = time.perf_counter() - start, cpu_used_by_kind(cpu_start, cpu_seconds_by_process())
         cpu = sum(cpu_by_kind.values())
         memory = pss_mb(process_group_pids(browser.pid)) if browser.pid else float("nan")
@@ -120,7 +143,7 @@ async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | N
             await env.close()
         await browser.close()
     steps, step_ms = len(stats["step_s"]), sorted(1000 * s for s in stats["step_s"])
-    return {"envs": n_envs, "episodes_per_task": per_task, "wall_s": wall, "steps": steps, "episodes": len(stats["success"]),
+    return {"envs": n_envs, "episodes_per_task": per_task, "fixed_work": fixed, "wall_s": wall, "steps": steps, "episodes": len(stats["success"]),
             "steps_per_s": steps / wall, "resets_per_s": len(stats["reset_s"]) / wall,
             "success_rate": sum(stats["success"]) / max(1, len(stats["success"])),
             "step_ms_p50": statistics.median(step_ms), "step_ms_p95": step_ms[int(0.95 * (steps - 1))],
@@ -149,12 +172,14 @@ if __name__ == "__main__":
     parser.add_argument("--episodes-per-task", default="1,8",
                         help="comma-separated: episodes of one task before switching (1 = reload every reset)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per env count")
+    parser.add_argument("--fixed-work", action="store_true",
+                        help="instead of --seconds: every task x episodes-per-task seeds, split among the envs")
     parser.add_argument("--chromium", default=None,
                         help="Chromium binary (default: the env's, Debian's chromium-headless-shell)")
     parser.add_argument("--out", default="bench/results/env_miniwob.json")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]  # the run itself drives the load up: check this one is < 1
-    rows = [asyncio.run(run(int(n), int(k), args.seconds, args.chromium))
+    rows = [asyncio.run(run(int(n), int(k), args.seconds, args.chromium, args.fixed_work))
             for n in args.envs.split(",") for k in args.episodes_per_task.split(",")]
     print_table(rows)
     load = os.getloadavg()[0]
