@@ -148,6 +148,8 @@ async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | N
             "success_rate": sum(stats["success"]) / max(1, len(stats["success"])),
             "step_ms_p50": statistics.median(step_ms), "step_ms_p95": step_ms[int(0.95 * (steps - 1))],
             "reset_ms_p50": 1000 * statistics.median(stats["reset_s"]),
+            # Policy time, not env time (DOM look-ups, waits for jQuery animations), yet inside wall_s:
+            "oracle_ms_p50": 1000 * statistics.median(stats["oracle_s"]), "oracle_s_sum": sum(stats["oracle_s"]),
             "cpu_s": cpu, "steps_per_cpu_s": steps / cpu, "chromium_pss_mb": memory,
             "chromium": browser.chromium_path,
             "cpu_ms_per_step_by_process": {k: round(1000 * v / max(1, steps), 1) for k, v in cpu_by_kind.items()}}
