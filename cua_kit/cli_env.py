@@ -31,7 +31,8 @@ from cua_kit.cli import command, print_json_line
 from cua_kit.envs.base import Env, Task
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repo's data/ (not shipped in a wheel)
-TASK_FILES = {"synth": "synth_tasks.jsonl", "miniwob": "miniwob_tasks.yaml", "gbox": "gbox_tasks.yaml"}
+TASK_FILES = {"synth": "synth_tasks.jsonl", "miniwob": "miniwob_tasks.yaml", "gbox": "gbox_tasks.yaml"}  # defaults
+MORE_TASK_FILES = [("synth", "synth_L0.jsonl")]  # also shipped: the quickstart's level-0 set
 DEFAULT_MAX_STEPS = 20  # a cap for envs that never end an episode themselves (a random policy on gbox)
 
 
@@ -41,10 +42,15 @@ def task_file(env: str, override: str | None = None) -> Path:
         return Path(override)
     if env not in TASK_FILES:
         raise ValueError(f"env {env!r} ships no task file; pass --task-file PATH (JSONL or YAML)")
+    return data_file(TASK_FILES[env])
+
+
+def data_file(file_name: str) -> Path:
+    """data/<file_name> of the repo, else ./data/<file_name>."""
     for folder in (DATA_DIR, Path.cwd() / "data"):
-        if (folder / TASK_FILES[env]).exists():
-            return folder / TASK_FILES[env]
-    raise ValueError(f"task file data/{TASK_FILES[env]} not found (looked in {DATA_DIR} and ./data); "
+        if (folder / file_name).exists():
+            return folder / file_name
+    raise ValueError(f"task file data/{file_name} not found (looked in {DATA_DIR} and ./data); "
                      "run from the cua-kit checkout or pass --task-file PATH")
 
 
@@ -78,9 +84,9 @@ def task_sets() -> list[dict[str, Any]]:
     from cua_kit.envs import load_tasks
 
     rows = []
-    for env, file_name in TASK_FILES.items():
+    for env, file_name in [*TASK_FILES.items(), *MORE_TASK_FILES]:
         try:
-            path = task_file(env)
+            path = data_file(file_name)
             counts = Counter(task.split for task in load_tasks(path))
         except ValueError as exc:
             rows.append({"env": env, "file": f"data/{file_name}", "error": str(exc)})

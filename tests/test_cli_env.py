@@ -54,6 +54,8 @@ def test_list_shows_backends_usability_and_task_counts(capsys, monkeypatch) -> N
                                                sum(r["split"] == "eval" for r in rows))
     table_row = next(line for line in lines if line.startswith("data/synth_tasks.jsonl"))
     assert table_row.split()[1:] == ["synth", str(synth["train"]), str(synth["eval"])]
+    level0 = next(s for s in report["task_sets"] if s["file"] == "data/synth_L0.jsonl")
+    assert (level0["env"], level0["train"], level0["eval"]) == ("synth", 2000, 200)
 
     monkeypatch.setenv("GBOX_API_KEY", "some-key")
     report = json.loads(run_cli(["env", "list", "--json"], capsys)[1][-1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,19 @@ def test_task_file_matches_the_generator_and_splits_are_disjoint():
     seeds = lambda ts: {(t.params["level"], t.params["seed"]) for t in ts}  # noqa: E731
     assert not seeds(train) & seeds(evals)
     assert len({t.id for t in tasks}) == 1000 and {t.params["level"] for t in evals} == set(LEVELS)
+
+
+def test_level_file_is_what_its_documented_command_prints():
+    """data/synth_L0.jsonl (the quickstart's tasks) = `python -m cua_kit.envs.synth --level 0 --train 2000
+    --eval 200`, run for real; its first 100 train tasks are those of data/synth_tasks.jsonl (the SFT demos)."""
+    printed = subprocess.run([sys.executable, "-m", "cua_kit.envs.synth", "--level", "0", "--train", "2000",
+                              "--eval", "200"], check=True, capture_output=True, text=True).stdout
+    assert printed == (DATA.parent / "synth_L0.jsonl").read_text()
+    train = load_tasks(DATA.parent / "synth_L0.jsonl", split="train")
+    evals = load_tasks(DATA.parent / "synth_L0.jsonl", split="eval")
+    assert len(train) == 2000 and len(evals) == 200
+    assert not {t.params["seed"] for t in train} & {t.params["seed"] for t in evals}
+    assert [t.id for t in train[:100]] == [t.id for t in load_tasks(DATA, split="train")[:100]]
 
 
 def test_bad_input_fails_with_a_clear_message():

@@ -558,8 +558,21 @@ class SynthEnv(Env):
         return canvas
 
 
-if __name__ == "__main__":
+def _main() -> None:
+    """Print a task file: the default set, or one level with chosen split sizes (data/synth_L0.jsonl)."""
+    import argparse
     import json
 
-    for task in default_task_set():
+    parser = argparse.ArgumentParser(description="Write synth tasks as JSONL to stdout.")
+    parser.add_argument("--level", type=int, choices=LEVELS, help="one level only (default: the default set)")
+    parser.add_argument("--train", type=int, default=200, help="train tasks of --level (seeds 0..)")
+    parser.add_argument("--eval", type=int, default=50, help=f"eval tasks of --level (seeds {EVAL_SEED0}..)")
+    args = parser.parse_args()
+    tasks = (default_task_set() if args.level is None
+             else synth_tasks(args.level, args.train, "train") + synth_tasks(args.level, args.eval, "eval"))
+    for task in tasks:
         print(json.dumps(task.to_dict()))
+
+
+if __name__ == "__main__":
+    _main()
