@@ -7,6 +7,9 @@ see the same tasks); sampling uses trainer.eval_temperature (0 = greedy).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,28 @@ async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, epi
     rate = sum(e.success for e in scored) / len(scored) if scored else 0.0
     return {"episodes": len(scored), "success_rate": rate, "env_errors": len(results) - len(scored),
             "trace": str(out_dir / "trace.db")}
+
+
+def reconcile_evals(run_dir: Path, step: int, resumed: bool) -> None:
+    """Make <run>/eval/ agree with the run that starts now, as the steps rows do: a fresh run (not resumed)
+    starts with no evals; a run resumed at `step` keeps the curve points (and their folders) of steps up to
+    `step` (the eval at a step runs before that step's checkpoint) and drops later ones, which a killed run
+    wrote after its last checkpoint and the resumed run writes again."""
+    eval_dir = run_dir / "eval"
+    curve = eval_dir / "curve.jsonl"
+    points = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.exists() else []
+    kept = [p for p in points if resumed and p["step"] <= step]
+    if not resumed:  # every label folder goes, including those of a run whose curve was lost
+        stale = [d for d in eval_dir.iterdir() if d.is_dir()] if eval_dir.exists() else []
+    else:
+        dropped = {p["label"] for p in points} - {p["label"] for p in kept}
+        stale = [eval_dir / name for label in dropped for name in (label, f"{label}-sampled")]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if curve.exists():
+        tmp = curve.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in kept))
+        os.replace(tmp, curve)
 
 
 def _write_trace(out_dir: Path, run_id: str, cfg: Config, episodes: list[Episode]) -> None:

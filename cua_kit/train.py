@@ -34,6 +34,7 @@ from cua_kit.config import Config, ConfigError, save_config
 from cua_kit.envs import env_class, load_tasks, make_env
 from cua_kit.envs.base import Task
 from cua_kit.envs.pool import EnvPool, LatencyEnv
+from cua_kit.evaluate import reconcile_evals
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
 from cua_kit.inference.base import SamplingParams
 from cua_kit.inference.hf import HFPolicy
@@ -177,6 +178,7 @@ class TrainingRun:
         self._restore(controller)
         # rows written after the checkpoint by a killed run are dropped: the resumed run writes them again
         self.trace.delete_steps_after(self.state.step)
+        reconcile_evals(self.run_dir, self.state.step, resumed=self.resume_from is not None)  # the same for eval/
         self.trace.start_run(cfg.experiment_name, cfg.trial_name, cfg.to_dict(), os.getpid())
         metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project,
                                 self.run_id, cfg.to_dict(), resume_id=self.run_id)

@@ -242,3 +242,31 @@ def test_warm_start_adapter_is_the_kl_reference(tiny_path, tmp_path):
     with reference_model(warm.model):
         pass
     assert all(".default." in n for n, p in warm.model.named_parameters() if p.requires_grad)
+
+
+def test_eval_folder_is_reconciled_like_the_steps_rows(tmp_path):
+    from cua_kit.evaluate import reconcile_evals
+
+    def write_run(run_dir: Path) -> None:
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        labels = [("before", 0), ("step20", 20), ("step40", 40)]
+        (run_dir / "eval/curve.jsonl").write_text("".join(
+            json.dumps({"label": label, "step": step, "success_rate": 0.5}) + "\n" for label, step in labels))
+        for label, _ in labels:
+            for name in (label, f"{label}-sampled"):
+                (run_dir / "eval" / name).mkdir(exist_ok=True)
+                (run_dir / "eval" / name / "trace.db").write_bytes(b"x")
+
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    write_run(resumed)
+    reconcile_evals(resumed, 20, resumed=True)  # killed after the step-40 eval, resumed from checkpoint-20
+    curve = [json.loads(line) for line in (resumed / "eval/curve.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in curve] == ["before", "step20"]
+    assert sorted(d.name for d in (resumed / "eval").iterdir() if d.is_dir()) == [
+        "before", "before-sampled", "step20", "step20-sampled"]
+    write_run(fresh)
+    (fresh / "eval/after").mkdir()  # a folder of an older run whose curve point is gone
+    reconcile_evals(fresh, 0, resumed=False)  # recover.mode=off over an old run: its evals go too
+    assert (fresh / "eval/curve.jsonl").read_text() == ""
+    assert not [d for d in (fresh / "eval").iterdir() if d.is_dir()]
+    reconcile_evals(tmp_path / "new", 0, resumed=False)  # a first run: nothing there, nothing to do
