@@ -8,8 +8,12 @@ it is less disturbed by other work on a shared machine (2 cores x steps/cpu-s = 
 machine: >= 50 steps/s with 8 envs. use-autocomplete is left out: its oracle sleeps 0.4 s for the
 page's suggestion delay, which measures the page, not the env. Prints a table and writes JSON:
 
-    python bench/env_miniwob.py [--envs 1,8] [--episodes-per-task 1,8] [--seconds 20]
-                                [--out bench/results/env_miniwob.json]
+    python bench/env_miniwob.py [--envs 1,8] [--episodes-per-task 1,8] [--seconds 20] [--fixed-work]
+                                [--policy oracle|random] [--max-steps 12] [--out bench/results/env_miniwob.json]
+
+`--policy random` plays the kit's uniformly random policy instead (no DOM look-ups, so the wall time is
+env time only; episodes run until the page ends them or --max-steps): the rate a rollout whose policy
+costs nothing would see, with fewer resets per step than the oracle's one- and two-step episodes.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import asyncio
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from cua_kit.actions import random_action
 from cua_kit.envs.base import Task
 from cua_kit.envs.miniwob import ORACLES, MiniWobBrowser, MiniWobEnv, descendant_pids, process_group_pids
 
@@ -81,16 +88,26 @@ def cpu_seconds_of_tree() -> float:
     return sum(cpu for _, cpu in cpu_seconds_by_process().values())
 
 
-async def episode(env: MiniWobEnv, name: str, seed: int, label: str, stats: dict) -> None:
-    """One oracle episode (reset, oracle steps until done, at most 12); appends latencies and the outcome."""
+@dataclass(frozen=True)
+class Workload:
+    """Who acts and for how long: the oracle (policy time = its DOM look-ups) or the kit's uniformly random
+    policy (`actions.random_action`, ~0 policy time: every step is env time), at most `max_steps` a episode."""
+
+    policy: str = "oracle"
+    max_steps: int = 12
+
+
+async def episode(env: MiniWobEnv, name: str, seed: int, label: str, stats: dict, work: Workload) -> None:
+    """One episode (reset, policy steps until done or max_steps); appends latencies and the outcome."""
     task = Task(id=f"{name}-{label}-{seed}", env="miniwob", params={"task": name, "seed": seed})
+    rng = random.Random(f"{label}:{name}:{seed}")
     t0 = time.perf_counter()
-    await env.reset(task)
+    obs = await env.reset(task)
     stats["reset_s"].append(time.perf_counter() - t0)
-    for _ in range(12):
+    for _ in range(work.max_steps):
         t0 = time.perf_counter()
-        action = await env.oracle_action()
-        stats["oracle_s"].append(time.perf_counter() - t0)
+        action = await env.oracle_action() if work.policy == "oracle" else random_action(rng, obs.size)
+        stats["policy_s"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         done = (await env.step(action)).done
         stats["step_s"].append(time.perf_counter() - t0)
@@ -99,19 +116,19 @@ async def episode(env: MiniWobEnv, name: str, seed: int, label: str, stats: dict
     stats["success"].append(await env.evaluate() > 0)
 
 
-async def worker(env: MiniWobEnv, index: int, deadline: float, per_task: int, stats: dict) -> None:
+async def worker(env: MiniWobEnv, index: int, deadline: float, per_task: int, stats: dict, work: Workload) -> None:
     """Oracle episodes until the deadline, `per_task` seeds of a task before the next task (a new
     task reloads the page, ~170 ms CPU)."""
     n = 0
     while time.perf_counter() < deadline:
-        await episode(env, BENCH_TASKS[(index + n // per_task) % len(BENCH_TASKS)], n, str(index), stats)
+        await episode(env, BENCH_TASKS[(index + n // per_task) % len(BENCH_TASKS)], n, str(index), stats, work)
         n += 1
 
 
-async def fixed_worker(env: MiniWobEnv, share: list[tuple[str, int]], stats: dict) -> None:
+async def fixed_worker(env: MiniWobEnv, share: list[tuple[str, int]], stats: dict, work: Workload) -> None:
     """This env's contiguous share of the fixed work (so reloads happen only on a task change)."""
     for name, seed in share:
-        await episode(env, name, seed, "fixed", stats)
+        await episode(env, name, seed, "fixed", stats, work)
 
 
 def fixed_shares(n_envs: int, per_task: int) -> list[list[tuple[str, int]]]:
@@ -121,20 +138,22 @@ def fixed_shares(n_envs: int, per_task: int) -> list[list[tuple[str, int]]]:
     return [work[bounds[i]:bounds[i + 1]] for i in range(n_envs)]
 
 
-async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | None, fixed: bool = False) -> dict:
+async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | None, fixed: bool = False,
+              work: Workload = Workload()) -> dict:
     browser = MiniWobBrowser(chromium_path)
     envs = [MiniWobEnv(browser=browser) for _ in range(n_envs)]
     try:
         # Warm up: start the browser and load a page in every env before the clock starts.
         await asyncio.gather(*(env.reset(Task(id="warm", env="miniwob", params={"task": "click-test"}))
                                for env in envs))
-        stats: dict[str, list] = {"reset_s": [], "step_s": [], "oracle_s": [], "success": []}
+        stats: dict[str, list] = {"reset_s": [], "step_s": [], "policy_s": [], "success": []}
         start, cpu_start = time.perf_counter(), cpu_seconds_by_process()
         if fixed:
-            await asyncio.gather(*(fixed_worker(env, share, stats)
+            await asyncio.gather(*(fixed_worker(env, share, stats, work)
                                    for env, share in zip(envs, fixed_shares(n_envs, per_task))))
         else:
-            await asyncio.gather(*(worker(env, i, start + seconds, per_task, stats) for i, env in enumerate(envs)))
+            await asyncio.gather(*(worker(env, i, start + seconds, per_task, stats, work)
+                                   for i, env in enumerate(envs)))
         wall, cpu_by_kind = time.perf_counter() - start, cpu_used_by_kind(cpu_start, cpu_seconds_by_process())
         cpu = sum(cpu_by_kind.values())
         memory = pss_mb(process_group_pids(browser.pid)) if browser.pid else float("nan")
@@ -143,13 +162,13 @@ async def run(n_envs: int, per_task: int, seconds: float, chromium_path: str | N
             await env.close()
         await browser.close()
     steps, step_ms = len(stats["step_s"]), sorted(1000 * s for s in stats["step_s"])
-    return {"envs": n_envs, "episodes_per_task": per_task, "fixed_work": fixed, "wall_s": wall, "steps": steps, "episodes": len(stats["success"]),
+    return {"envs": n_envs, "episodes_per_task": per_task, "fixed_work": fixed, "policy": work.policy, "wall_s": wall, "steps": steps, "episodes": len(stats["success"]),
             "steps_per_s": steps / wall, "resets_per_s": len(stats["reset_s"]) / wall,
             "success_rate": sum(stats["success"]) / max(1, len(stats["success"])),
             "step_ms_p50": statistics.median(step_ms), "step_ms_p95": step_ms[int(0.95 * (steps - 1))],
             "reset_ms_p50": 1000 * statistics.median(stats["reset_s"]),
-            # Policy time, not env time (DOM look-ups, waits for jQuery animations), yet inside wall_s:
-            "oracle_ms_p50": 1000 * statistics.median(stats["oracle_s"]), "oracle_s_sum": sum(stats["oracle_s"]),
+            # Policy time, not env time (the oracle's DOM look-ups and animation waits), yet inside wall_s:
+            "policy_ms_p50": 1000 * statistics.median(stats["policy_s"]), "policy_s_sum": sum(stats["policy_s"]),
             "cpu_s": cpu, "steps_per_cpu_s": steps / cpu, "chromium_pss_mb": memory,
             "chromium": browser.chromium_path,
             "cpu_ms_per_step_by_process": {k: round(1000 * v / max(1, steps), 1) for k, v in cpu_by_kind.items()}}
@@ -176,12 +195,16 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per env count")
     parser.add_argument("--fixed-work", action="store_true",
                         help="instead of --seconds: every task x episodes-per-task seeds, split among the envs")
+    parser.add_argument("--policy", choices=("oracle", "random"), default="oracle",
+                        help="oracle (default; success should be 1.00) or the kit's random policy (no policy time)")
+    parser.add_argument("--max-steps", type=int, default=12, help="steps per episode at most")
     parser.add_argument("--chromium", default=None,
                         help="Chromium binary (default: the env's, Debian's chromium-headless-shell)")
     parser.add_argument("--out", default="bench/results/env_miniwob.json")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]  # the run itself drives the load up: check this one is < 1
-    rows = [asyncio.run(run(int(n), int(k), args.seconds, args.chromium, args.fixed_work))
+    work = Workload(args.policy, args.max_steps)
+    rows = [asyncio.run(run(int(n), int(k), args.seconds, args.chromium, args.fixed_work, work))
             for n in args.envs.split(",") for k in args.episodes_per_task.split(",")]
     print_table(rows)
     load = os.getloadavg()[0]
