@@ -46,20 +46,26 @@ async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, epi
             "trace": str(out_dir / "trace.db")}
 
 
+def curve_path(run_dir: Path) -> Path:
+    """The run's learning curve: one JSON line per held-out eval (label, step, success rates)."""
+    return run_dir / "eval" / "curve.jsonl"
+
+
 def reconcile_evals(run_dir: Path, step: int, resumed: bool) -> None:
     """Make <run>/eval/ agree with the run that starts now, as the steps rows do: a fresh run (not resumed)
     starts with no evals; a run resumed at `step` keeps the curve points (and their folders) of steps up to
     `step` (the eval at a step runs before that step's checkpoint) and drops later ones, which a killed run
     wrote after its last checkpoint and the resumed run writes again."""
-    eval_dir = run_dir / "eval"
-    curve = eval_dir / "curve.jsonl"
+    eval_dir, curve = run_dir / "eval", curve_path(run_dir)
+    if not eval_dir.exists():
+        return
     points = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.exists() else []
-    kept = [p for p in points if resumed and p["step"] <= step]
-    if not resumed:  # every label folder goes, including those of a run whose curve was lost
-        stale = [d for d in eval_dir.iterdir() if d.is_dir()] if eval_dir.exists() else []
-    else:
+    if resumed:
+        kept = [p for p in points if p["step"] <= step]
         dropped = {p["label"] for p in points} - {p["label"] for p in kept}
         stale = [eval_dir / name for label in dropped for name in (label, f"{label}-sampled")]
+    else:  # every label folder goes, including those of a run whose curve was lost
+        kept, stale = [], [d for d in eval_dir.iterdir() if d.is_dir()]
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     if curve.exists():

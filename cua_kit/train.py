@@ -34,7 +34,7 @@ from cua_kit.config import Config, ConfigError, save_config
 from cua_kit.envs import env_class, load_tasks, make_env
 from cua_kit.envs.base import Task
 from cua_kit.envs.pool import EnvPool, LatencyEnv
-from cua_kit.evaluate import reconcile_evals
+from cua_kit.evaluate import curve_path, reconcile_evals
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
 from cua_kit.inference.base import SamplingParams
 from cua_kit.inference.hf import HFPolicy
@@ -324,7 +324,7 @@ class TrainingRun:
             sampled = f" | sampled at T={temperature:g}: {100 * extra['success_rate']:.1f}%"
         print(f"[Eval {label}] held-out success: {100 * result['success_rate']:.1f}% "
               f"over {result['episodes']} episodes{sampled}", flush=True)
-        with open(self.run_dir / "eval" / "curve.jsonl", "a") as f:  # the learning curve, one line per eval
+        with open(curve_path(self.run_dir), "a") as f:  # the learning curve, one line per eval
             f.write(json.dumps(point) + "\n")
         return result
 
