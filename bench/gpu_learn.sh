@@ -1,26 +1,18 @@
 #!/usr/bin/env bash
 # The GPU learning proof (docs/BENCHMARKS.md): SFT warm start, then GRPO with held-out evals.
-# On a machine without the kit installed, wheels in .whl/ are installed to /tmp/site first.
+# On a machine without the kit installed, device_env.sh installs the wheels in .whl/ to /tmp/site first.
 # Writes the L0 task file the proof uses (4,000 train seeds, 100 held-out seeds; disjoint by construction)
 # and passes env.task_file to both commands; overrides given here come after, so they win.
 # Usage: bash bench/gpu_learn.sh [extra overrides for both commands...]
 set -euo pipefail
-if [ -d .whl ] && ! python3 -c "import peft, sqlite_utils, xgrammar" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+source "$(dirname "$0")/device_env.sh"
 CONFIG=${CONFIG:-configs/learn_synth_gpu.yaml}
 # A fresh trial per run: with a fixed trial name, recover.mode=auto would resume the last run's checkpoint
 # (seen on a warm GPU box, where outputs/ survives between calls) instead of training from the new SFT.
 TRIAL=${TRIAL:-gpu-$(date +%Y%m%d-%H%M%S)}
 TASKS=${TASKS:-outputs/learn_synth_gpu/tasks_L0.jsonl}
 mkdir -p "$(dirname "$TASKS")"
-python3 -c "
-import json, sys
-from cua_kit.envs.synth import synth_tasks
-for t in synth_tasks(0, 4000, 'train') + synth_tasks(0, 100, 'eval'):
-    print(json.dumps(t.to_dict()))" > "$TASKS"
+python3 -m cua_kit.envs.synth --level 0 --train 4000 --eval 100 > "$TASKS"
 start=$(date +%s)
 RUN=(env.task_file="$TASKS" trial_name="$TRIAL" model.adapter_path="outputs/learn_synth_gpu/$TRIAL/sft/adapter")
 python3 -m cua_kit.cli sft "$CONFIG" "${RUN[@]}" "$@"

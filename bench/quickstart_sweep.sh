@@ -6,13 +6,9 @@
 # Usage (one run per line of VARIANTS: a name, then overrides):
 #   cua-kit sft configs/quickstart.yaml     # the adapter every run starts from
 #   VARIANTS=$'lr1e4 trainer.learning_rate=1e-4\nlr2e4 trainer.learning_rate=2e-4' STEPS=80 bash bench/quickstart_sweep.sh
-# On a machine without the kit installed, wheels in .whl/ are installed to /tmp/site first (device tool).
+# On a machine without the kit installed, device_env.sh installs the wheels in .whl/ to /tmp/site first.
 set -uo pipefail
-if [ -d .whl ] && ! python3 -c "import peft, sqlite_utils, xgrammar" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+source "$(dirname "$0")/device_env.sh"
 export CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 mkdir -p outputs/sweep
 COMMON=(recover.mode=off model.device=cpu model.adapter_path=outputs/quickstart/trial0/sft/adapter
