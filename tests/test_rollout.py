@@ -21,7 +21,7 @@ from cua_kit.envs.synth import synth_tasks
 from cua_kit.grpo.scoring import score
 from cua_kit.inference.base import SamplingParams
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.models.loader import LoadedPolicy, load_policy
+from cua_kit.models.loader import LoadedModel, load_model
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
 from cua_kit.rollout.episode import EpisodeSettings, run_episode
 from cua_kit.trace import TraceWriter, queries
@@ -33,8 +33,8 @@ SYNTH_SCREEN = (180, 320)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedPolicy:
-    policy = load_policy(ModelConfig(name=str(tiny_model_dir), device="cpu"),
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    policy = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"),
                          LoraConfig(r=4, alpha=8))
     torch.manual_seed(0)
     with torch.no_grad():  # a non-trivial adapter: sampling and scoring must both go through it
@@ -60,7 +60,7 @@ def group_task(name: str) -> Task:
     return Task(id="click-button/train/0", env="miniwob", params={"task": "click-button", "seed": 0})
 
 
-async def one_group(loaded: LoadedPolicy, env_name: str, task: Task, chromium_path: str | None,
+async def one_group(loaded: LoadedModel, env_name: str, task: Task, chromium_path: str | None,
                     run_dir: Path, trace: TraceWriter) -> Group:
     """One group of 4 episodes through the real controller (pool, agent, HF policy, trace rows)."""
     policy = HFPolicy(loaded, max_batch=4, batch_wait_ms=20)
@@ -83,7 +83,7 @@ async def one_group(loaded: LoadedPolicy, env_name: str, task: Task, chromium_pa
     return batch[0]
 
 
-def fresh_logprobs(loaded: LoadedPolicy, group: Group) -> list[tuple[list[float], list[float]]]:
+def fresh_logprobs(loaded: LoadedModel, group: Group) -> list[tuple[list[float], list[float]]]:
     """(recorded, rescored) log-probs of every turn, rescored a few rows at a time in fp32."""
     turns = [t for e in group.episodes for t in e.turns]
     pairs = []
@@ -155,7 +155,7 @@ def test_version_bump_mid_episode_is_used_at_the_next_turn(loaded, tmp_path):
             for version in (1, 2):
                 while len(policy.batch_sizes) < version:
                     await asyncio.sleep(0.01)
-                policy.set_version(version)
+                await policy.update_weights(version, None)
 
         bumper = asyncio.create_task(trainer())
         settings = EpisodeSettings(sampling(8), max_turns=3)
