@@ -6,7 +6,9 @@ anything is spawned, so a typo is refused with the config system's message. The 
 (never a shell):
 
     CPU or 1 GPU: python -m cua_kit.cli train CONFIG [overrides...]
-    N > 1 GPUs:   torchrun --nproc_per_node N -m cua_kit.cli train CONFIG [overrides...] launch.n_gpus=N
+
+N > 1 GPUs is refused: the trainer has no distributed code yet (issue 14), and torchrun would start N identical
+runs writing into one run folder.
 
 The child runs in its own session (its own process group), so stopping it reaches torchrun's workers too.
 Its stdout/stderr go to the run's train.log and `launch.json` in the run folder records argv, pid, pgid
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,11 @@ LOG_FILE = "train.log"
 STOP_GRACE_S = 60.0
 # Children started by this process: we must reap them (a zombie still counts as alive for kill(pid, 0)).
 _CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+MULTI_GPU_REFUSED = ("launch.n_gpus={n}: the multi-GPU (FSDP) trainer is not in the kit yet (issue 14), and {n} copies of "
+                     "the one-GPU trainer would all write one run folder; run on one GPU (launch.n_gpus=1) or the CPU "
+                     "(launch.n_gpus=0) instead")
 
 
 class LaunchError(ValueError):
@@ -78,14 +84,12 @@ def check_config_path(config: str | Path, allowed_dirs: list[Path]) -> Path:
 
 
 def build_argv(config: Path, overrides: list[str], n_gpus: int) -> list[str]:
-    """The trainer command as an argv list: plain python for CPU / 1 GPU, torchrun for N > 1."""
+    """The trainer command as an argv list: plain python for CPU / 1 GPU; N > 1 is refused (see the docstring)."""
     if n_gpus < 0:
         raise LaunchError(f"n_gpus must be >= 0 (0 = CPU), got {n_gpus}")
-    train = ["-m", "cua_kit.cli", "train", str(config), *overrides]
-    if n_gpus <= 1:
-        return [sys.executable, *train]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, "--nproc_per_node", str(n_gpus), *train]
+    if n_gpus > 1:
+        raise LaunchError(MULTI_GPU_REFUSED.format(n=n_gpus))
+    return [sys.executable, "-m", "cua_kit.cli", "train", str(config), *overrides]
 
 
 def launch_overrides(overrides: list[str], n_gpus: int, runs_dir: str | Path) -> list[str]:
@@ -110,8 +114,8 @@ def launch_run(config: str | Path, overrides: list[str], n_gpus: int, runs_dir: 
     running = read_launch(run_dir)
     if running and pid_alive(running["pid"]):
         raise LaunchError(f"{run_dir} already has a live run (pid {running['pid']}); stop it or set trial_name=...")
+    argv = build_argv(path, full_overrides, n_gpus)  # LaunchError before the run folder exists
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = build_argv(path, full_overrides, n_gpus)
     with open(run_dir / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=REPO_ROOT, env=env)

@@ -56,6 +56,7 @@ class TrainingRun:
     """One `cua-kit train` run; `await run.main()` trains until max_steps or a stop signal."""
 
     def __init__(self, cfg: Config):
+        _refuse_several_processes(cfg)
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +291,16 @@ class TrainingRun:
             raise KeyboardInterrupt
         print(f"Received {signal.Signals(sig).name}: saving a checkpoint and stopping after this step", flush=True)
         self.stop_requested.set()
+
+
+def _refuse_several_processes(cfg: Config) -> None:
+    """Under torchrun (WORLD_SIZE > 1) or with launch.n_gpus > 1, N copies of this one-process trainer would each
+    train alone and all write one run folder: refuse, saying what to run instead."""
+    from cua_kit.launch import MULTI_GPU_REFUSED
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.launch.n_gpus > 1 or world > 1:
+        raise ConfigError(MULTI_GPU_REFUSED.format(n=max(cfg.launch.n_gpus, world)))
 
 
 def _seed_everything(seed: int) -> None:

@@ -42,18 +42,25 @@ def run_status(run_dir: Path) -> str | None:
     return info["status"] if info else None
 
 
-def test_argv_is_plain_python_for_cpu_and_torchrun_for_several_gpus():
+def test_argv_is_plain_python_and_several_gpus_are_refused(tmp_path):
     cpu = launch.build_argv(QUICKSTART, ["trainer.max_steps=2"], 0)
     assert cpu == [sys.executable, "-m", "cua_kit.cli", "train", str(QUICKSTART), "trainer.max_steps=2"]
     assert launch.build_argv(QUICKSTART, [], 1)[0] == sys.executable
-    multi = launch.build_argv(QUICKSTART, ["launch.n_gpus=4"], 4)
-    assert Path(multi[0]).name == "torchrun" and multi[1:3] == ["--nproc_per_node", "4"]
-    assert multi[3:6] == ["-m", "cua_kit.cli", "train"] and multi[-1] == "launch.n_gpus=4"
-    overrides = launch.launch_overrides(["trainer.max_steps=2"], 4, "/tmp/runs")
-    assert "launch.n_gpus=4" in overrides and overrides[-1] == f"output_dir={Path('/tmp/runs').resolve()}"
+    overrides = launch.launch_overrides(["trainer.max_steps=2"], 1, "/tmp/runs")
+    assert "launch.n_gpus=1" in overrides and overrides[-1] == f"output_dir={Path('/tmp/runs').resolve()}"
     assert "model.device=cpu" in launch.launch_overrides([], 0, "/tmp/runs")
     with pytest.raises(launch.LaunchError, match="n_gpus"):
         launch.build_argv(QUICKSTART, [], -1)
+    # N copies of the one-process trainer would all write one run folder: refused, saying what to run instead
+    with pytest.raises(launch.LaunchError, match=r"launch.n_gpus=4: the multi-GPU .* \(launch.n_gpus=1\)"):
+        launch.launch_run(QUICKSTART, [], 4, tmp_path / "runs")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("launch.json"))
+    # and the trainer itself refuses to run as one of several torchrun workers
+    from cua_kit.config import load_config
+    from cua_kit.train import TrainingRun
+
+    with pytest.raises(ConfigError, match="launch.n_gpus=2"):
+        TrainingRun(load_config(QUICKSTART, [f"output_dir={tmp_path}", "launch.n_gpus=2"]))
 
 
 def test_config_outside_the_allowed_folders_is_refused(tmp_path):
