@@ -57,12 +57,13 @@ def attach_action_grammar(cfg: Config, loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-def make_policy(cfg: Config, loaded: LoadedModel) -> Policy:
-    """The generation backend of `rollout.backend`, with the run's batching and cache settings."""
+def make_policy(cfg: Config, loaded: LoadedModel, shares_weights: bool = True) -> Policy:
+    """The generation backend of `rollout.backend`, with the run's batching and cache settings.
+    `shares_weights=False`: `loaded` is a generation copy, kept current through `update_weights`."""
     from cua_kit.inference.hf import HFPolicy
 
     r = cfg.rollout
-    return HFPolicy(loaded, r.max_batch, r.batch_wait_ms, kv_cache=r.kv_cache)
+    return HFPolicy(loaded, r.max_batch, r.batch_wait_ms, kv_cache=r.kv_cache, shares_weights=shares_weights)
 
 
 def episode_settings(cfg: Config, temperature: float | None = None) -> EpisodeSettings:

@@ -1,10 +1,13 @@
 """Checkpoints: atomic folders `checkpoints/checkpoint-<step>/` that a killed run resumes from exactly.
 
 A checkpoint holds the LoRA adapter in plain peft format (`adapter/`, loads with
-`PeftModel.from_pretrained`), the optimizer and scheduler (`trainer.pt`), every RNG state (`rng.pt`),
-and `state.json` (step, version, controller/data position, counters). It is written into a temporary
-folder and renamed into place, so a SIGKILL at any moment leaves either the whole checkpoint or none;
-`latest_checkpoint` ignores leftovers. The last `keep_last` are kept.
+`PeftModel.from_pretrained`), the trained tensors (`weights/`) and the optimizer state (`optimizer/`, once
+it has taken a step) through `torch.distributed.checkpoint` (keyed by parameter name, so a checkpoint
+written by N FSDP ranks loads on M ranks or on one process), the LR schedule and version (`trainer.pt`),
+every RNG state (`rng.pt`; `rng-rank<r>.pt` for the other ranks of a distributed run), and `state.json`
+(step, version, controller/data position, counters). It is written into a temporary folder and renamed
+into place, so a SIGKILL at any moment leaves either the whole checkpoint or none; `latest_checkpoint`
+ignores leftovers. The last `keep_last` are kept.
 """
 
 from __future__ import annotations
@@ -38,16 +41,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: Any, trainer_state: dict[str, Any],
-                    state: dict[str, Any], keep_last: int = 3) -> Path:
-    """Write checkpoint-<step> atomically (temp folder, fsync'd files, rename) and prune old ones."""
+def save_checkpoint(ckpt_dir: Path, step: int, trainer: Any, state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write checkpoint-<step> atomically (temp folder, fsync'd files, rename) and prune old ones.
+    `trainer.save(folder)` writes the model and optimizer part (on every rank of a distributed run)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"checkpoint-{step}"
     tmp = ckpt_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp / "adapter")
-    torch.save(trainer_state, tmp / "trainer.pt")
+    trainer.save(tmp)
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     _fsync_tree(tmp)
@@ -61,17 +63,23 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: Any, trainer_state: dict[s
 ADAPTERS_KEPT = 2  # exported versions kept on disk: the served one, and the one before it while it is swapped
 
 
-def export_adapter(model: Any, adapters_dir: Path, version: int) -> Path:
+def save_adapter(model: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained LoRA adapter ("default", never the frozen KL-reference one) as a plain peft folder.
+    `state_dict`: its full tensors when the model's own are shards (FSDP; `cua_kit.distributed`)."""
+    selected = {"selected_adapters": ["default"]} if "default" in getattr(model, "peft_config", {}) else {}
+    model.save_pretrained(folder, state_dict=state_dict, **selected)
+
+
+def export_adapter(model: Any, adapters_dir: Path, version: int,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """The trained LoRA adapter of `version` as a plain peft folder `adapters_dir/v<version>` (written atomically,
-    for a generation server to load); older exports beyond ADAPTERS_KEPT are deleted. Only the trained adapter
-    ("default") is written, never the frozen KL-reference one."""
+    for a generation server to load); older exports beyond ADAPTERS_KEPT are deleted."""
     final = adapters_dir / f"v{version}"
     if (final / "adapter_config.json").exists():
         return final
     tmp = adapters_dir / f".tmp-v{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    selected = {"selected_adapters": ["default"]} if "default" in getattr(model, "peft_config", {}) else {}
-    model.save_pretrained(tmp, **selected)
+    save_adapter(model, tmp, state_dict)
     os.rename(tmp, final)
     versions = sorted((int(d.name[1:]), d) for d in adapters_dir.glob("v*") if d.name[1:].isdigit())
     for _, old in versions[:-ADAPTERS_KEPT]:
@@ -108,12 +116,52 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json, trainer.pt) of a checkpoint; RNG states are restored as a side effect."""
+def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
+    """state.json of a checkpoint; `trainer.load(path)` and the RNG states are restored as side effects."""
     path = Path(path)
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a checkpoint (no state.json); pass a checkpoints/checkpoint-<step> folder")
     state = json.loads((path / "state.json").read_text())
-    trainer_state = torch.load(path / "trainer.pt", weights_only=False)
+    trainer.load(path)
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return state, trainer_state
+    return state
+
+
+# ----------------------------------------------------------------------------- model and optimizer tensors
+WEIGHTS, OPTIMIZER = "weights", "optimizer"
+
+
+def save_weights(folder: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
+    """The trained tensors into `folder/weights` and the optimizer state into `folder/optimizer` through
+    torch.distributed.checkpoint: every rank writes its own shards (a plain model: one process, no process
+    group). Keyed by parameter name, so they load back on any number of ranks. An optimizer that has not
+    stepped yet is not written: torch would initialise its state with a zero-gradient step, which moves the
+    step count a resumed run then depends on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save(get_model_state_dict(model, options=_trained()), checkpoint_id=folder / WEIGHTS)
+    if optimizer.state:
+        dcp.save(get_optimizer_state_dict(model, optimizer, options=_trained()), checkpoint_id=folder / OPTIMIZER)
+
+
+def load_weights(folder: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
+    """What `save_weights` wrote, resharded onto this model (its shards, when it is FSDP-sharded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    weights = get_model_state_dict(model, options=_trained())
+    dcp.load(weights, checkpoint_id=folder / WEIGHTS)
+    set_model_state_dict(model, weights, options=_trained())
+    if (folder / OPTIMIZER).exists():
+        state = get_optimizer_state_dict(model, optimizer, options=_trained())
+        dcp.load(state, checkpoint_id=folder / OPTIMIZER)
+        set_optimizer_state_dict(model, optimizer, state, options=_trained())
+
+
+def _trained():
+    """The trained (LoRA) tensors only: the frozen base comes from the Hub or the model folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)

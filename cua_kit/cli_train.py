@@ -19,7 +19,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from cua_kit.train import train
 
     summary = train(_load(args, extra))
-    print(f"Run {summary['status']} at step {summary['step']}: {summary['run_dir']}")
+    if summary.get("rank", 0) == 0:  # the other ranks of an FSDP run have nothing to add
+        print(f"Run {summary['status']} at step {summary.get('step', 0)}: {summary['run_dir']}")
     return 0 if summary["status"] in ("finished", "stopped") else 1
 
 

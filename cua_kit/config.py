@@ -245,6 +245,9 @@ class LoggingConfig:
 class LaunchConfig:
     n_gpus: int = 1
     """GPUs for the run (0 = CPU); N > 1 launches through torchrun."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective of a multi-process run may wait for the other ranks: past it, a dead or stuck rank
+    stops every rank with an error (rank 0 pings the others every quarter of it while it waits for rollouts)."""
 
 
 @dataclass
@@ -490,6 +493,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (cfg.grpo.eps_clip > 0, "grpo.eps_clip must be > 0"),
         (cfg.grpo.kl_ctl >= 0, "grpo.kl_ctl must be >= 0"),
+        (cfg.launch.collective_timeout_s > 0, "launch.collective_timeout_s must be > 0"),
     ]
     from cua_kit.models.lora import LORA_GROUPS  # local: config stays importable without torch
 

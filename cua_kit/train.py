@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from cua_kit.build import episode_settings, make_agent, make_model, make_policy, make_pool, resume_checkpoint, tasks_for
-from cua_kit.checkpoint import export_adapter, load_checkpoint, save_checkpoint
+from cua_kit.checkpoint import load_checkpoint, save_checkpoint
 from cua_kit.config import Config, ConfigError, save_config
+from cua_kit.distributed import Channel, Ranks, ShardedTrainer, generation_policy, launched
+from cua_kit.distributed import train as train_ranks
 from cua_kit.envs.pool import EnvPool
 from cua_kit.evaluate import curve_path, reconcile_evals
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
@@ -55,23 +57,16 @@ class RunState:
 class TrainingRun:
     """One `cua-kit train` run; `await run.main()` trains until max_steps or a stop signal."""
 
-    def __init__(self, cfg: Config):
-        _refuse_several_processes(cfg)
+    def __init__(self, cfg: Config, ranks: Ranks | None = None, channel: Channel | None = None):
+        """`ranks`/`channel`: rank 0 of an FSDP run (`cua_kit.distributed`); None: one process."""
+        _refuse_several_processes(cfg, ranks)
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir)
         self.resume_from = resume_checkpoint(cfg)
-        adapter = str(self.resume_from / "adapter") if self.resume_from else (cfg.model.adapter_path or None)
-        if adapter and not (Path(adapter) / "adapter_config.json").exists():
-            raise ConfigError(f"model.adapter_path={adapter} holds no peft adapter: run `cua-kit sft CONFIG` first "
-                              "(it writes <run>/sft/adapter), or set model.adapter_path= to start from a fresh LoRA")
-        _seed_everything(cfg.trainer.seed)
-        # with a warm start, the KL reference is the warm-start policy (frozen), not the bare base model
-        reference = cfg.model.adapter_path if (cfg.model.adapter_path and cfg.grpo.kl_ctl > 0) else None
-        self.loaded: LoadedModel = make_model(cfg, adapter_path=adapter, reference_adapter=reference)
-        self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, episode_settings(cfg).sampling)
-        self.policy = make_policy(cfg, self.loaded)
+        self.loaded, self.trainer = trainer_parts(cfg, self.resume_from, ranks, channel)
+        self.policy = make_policy(cfg, self.loaded) if ranks is None else generation_policy(cfg, self.loaded)
         self.train_tasks = tasks_for(cfg, cfg.env.train_split)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_tasks) / cfg.trainer.batch_size))
         self.run_id = f"{cfg.experiment_name}-{cfg.trial_name}"
@@ -81,6 +76,7 @@ class TrainingRun:
         self._last_counts: dict[str, int] = {}
         self._last_gen: dict[str, float] = {}
         self._signals: list[int] = []  # the signals whose handlers this run installed
+        self._signalled_at = 0.0
 
     def _controller(self, pool: EnvPool) -> RolloutController:
         c = self.cfg
@@ -94,8 +90,7 @@ class TrainingRun:
     def _restore(self, controller: RolloutController) -> None:
         if self.resume_from is None:
             return
-        state, trainer_state = load_checkpoint(self.resume_from)
-        self.trainer.load_state_dict(trainer_state)
+        state = load_checkpoint(self.resume_from, self.trainer)
         controller.load_state_dict(state["controller"])
         self.state.step = state["step"]
         print(f"Resumed from {self.resume_from} at step {self.state.step} (version {self.trainer.version})", flush=True)
@@ -181,7 +176,7 @@ class TrainingRun:
         """Tell the policy about the trainer's version; a backend with its own copy gets the adapter's files."""
         version, adapter = self.trainer.version, None
         if not self.policy.shares_weights:
-            adapter = await asyncio.to_thread(export_adapter, self.loaded.model, self.run_dir / "adapters", version)
+            adapter = await asyncio.to_thread(self.trainer.export, self.run_dir / "adapters")
         await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
@@ -246,9 +241,8 @@ class TrainingRun:
     def _save(self, controller: RolloutController) -> None:
         self.trace.flush()  # the steps rows a checkpoint vouches for are on disk before it exists
         # the loop calls this between updates: the weights are not being written
-        path = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.loaded.model,
-                               self.trainer.state_dict(), {"version": self.trainer.version,
-                                                           "controller": controller.state_dict()},
+        path = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.trainer,
+                               {"version": self.trainer.version, "controller": controller.state_dict()},
                                self.cfg.saver.keep_last)
         log.info("saved %s", path)
 
@@ -287,19 +281,42 @@ class TrainingRun:
             loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
-        if self.stop_requested.is_set():  # a second Ctrl-C: stop now
+        now = time.monotonic()
+        # a second Ctrl-C stops now; the same signal again within a second is a launcher passing on the first one
+        # (torchrun forwards the SIGTERM its process group already got), not a second request
+        if self.stop_requested.is_set() and now - self._signalled_at > 1.0:
             raise KeyboardInterrupt
-        print(f"Received {signal.Signals(sig).name}: saving a checkpoint and stopping after this step", flush=True)
+        if not self.stop_requested.is_set():
+            print(f"Received {signal.Signals(sig).name}: saving a checkpoint and stopping after this step", flush=True)
+            self._signalled_at = now
         self.stop_requested.set()
 
 
-def _refuse_several_processes(cfg: Config) -> None:
-    """Under torchrun (WORLD_SIZE > 1) or with launch.n_gpus > 1, N copies of this one-process trainer would each
-    train alone and all write one run folder: refuse, saying what to run instead."""
+def trainer_parts(cfg: Config, resume_from: Path | None, ranks: Ranks | None = None,
+                  channel: Channel | None = None) -> tuple[LoadedModel, GRPOTrainer]:
+    """The model and its trainer, built the same way on every rank: the checkpoint's adapter, else the warm start
+    (`model.adapter_path`), else a fresh LoRA; FSDP2-sharded when `ranks` is given (`cua_kit.distributed`)."""
+    adapter = str(resume_from / "adapter") if resume_from else (cfg.model.adapter_path or None)
+    if adapter and not (Path(adapter) / "adapter_config.json").exists():
+        raise ConfigError(f"model.adapter_path={adapter} holds no peft adapter: run `cua-kit sft CONFIG` first "
+                          "(it writes <run>/sft/adapter), or set model.adapter_path= to start from a fresh LoRA")
+    _seed_everything(cfg.trainer.seed)
+    # with a warm start, the KL reference is the warm-start policy (frozen), not the bare base model
+    reference = cfg.model.adapter_path if (cfg.model.adapter_path and cfg.grpo.kl_ctl > 0) else None
+    loaded = make_model(cfg, adapter_path=adapter, reference_adapter=reference)
+    sampling = episode_settings(cfg).sampling
+    if ranks is None:
+        return loaded, GRPOTrainer(loaded, cfg.grpo, cfg.trainer, sampling)
+    return loaded, ShardedTrainer(loaded, cfg.grpo, cfg.trainer, sampling, ranks, channel)
+
+
+def _refuse_several_processes(cfg: Config, ranks: Ranks | None) -> None:
+    """With launch.n_gpus > 1, or as a torchrun worker without ranks, N copies of this one-process trainer would
+    each train alone and all write one run folder: refuse, saying what to run instead."""
     from cua_kit.launch import MULTI_GPU_REFUSED
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.launch.n_gpus > 1 or world > 1:
+    if cfg.launch.n_gpus > 1 or (ranks is None and world > 1):
         raise ConfigError(MULTI_GPU_REFUSED.format(n=max(cfg.launch.n_gpus, world)))
 
 
@@ -317,6 +334,8 @@ def train(cfg: Config) -> dict[str, Any]:
     Inside a running event loop (Jupyter) the run gets its own loop in a worker thread; there, signals stay
     with the kernel (interrupt the kernel to stop), or call `await TrainingRun(cfg).main()` directly.
     """
+    if launched():  # one of several torchrun workers: FSDP2 ranks, rank 0 orchestrating
+        return train_ranks(cfg)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -22,10 +22,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from cua_kit.checkpoint import WEIGHTS, export_adapter, load_weights, save_adapter, save_weights
 from cua_kit.config import GRPOConfig, TrainerConfig
 from cua_kit.grpo.losses import grpo_loss
 from cua_kit.grpo.scoring import score
@@ -138,8 +140,10 @@ class GRPOTrainer:
         for i, chunk in enumerate(split_minibatches(kept, self.grpo.minibatches)):
             self._gap = [] if i == 0 else None  # the first mini-batch scores on the weights that generated
             steps.append(self._minibatch_step(chunk, prox))
-            if self._gap:
-                stats.update(rollout_mismatch(torch.cat([b for b, _ in self._gap]), torch.cat([t for _, t in self._gap])))
+            if self._gap is not None:
+                gap = [pair for part in self._all_ranks(self._gap) for pair in part]
+                if gap:
+                    stats.update(rollout_mismatch(torch.cat([b for b, _ in gap]), torch.cat([t for _, t in gap])))
         self._gap = None
         self._schedule_step(any(taken for taken, _ in steps))
         self.version += 1
@@ -155,14 +159,17 @@ class GRPOTrainer:
         samples (decoupled PPO), and of every sample with `grpo.rollout_correction` (the generation engine's
         log-probs differ from the trainer's even on the same weights; the decoupled objective's clamped weight
         exp(prox - behav) is then truncated importance sampling, as verl's and TRL's corrections do)."""
-        todo = [s for s in samples if self.grpo.rollout_correction or s.turn.version != self.version]
-        if not (self.grpo.decoupled and todo):
+        def needed(s: Sample) -> bool:
+            return self.grpo.rollout_correction or s.turn.version != self.version
+
+        if not (self.grpo.decoupled and any(needed(s) for s in samples)):
             return {}
         out: dict[int, torch.Tensor] = {}
-        for batch in pack_micro_batches(todo, self.cfg.micro_batch_tokens):
-            logp = self._no_grad_logprobs(batch, reference=False)
-            for i, s in enumerate(batch):
-                out[id(s)] = logp[i, -len(s.turn.completion_ids):]
+        for chunk in split_minibatches(samples, self.grpo.minibatches):  # the process that trains a sample scores it
+            for batch, counted in self._micro_batches(chunk, needed):
+                logp = self._no_grad_logprobs(batch, reference=False)
+                for i, s in enumerate(batch if counted else []):
+                    out[id(s)] = logp[i, -len(s.turn.completion_ids):]
         return out
 
     def _minibatch_step(self, samples: list[Sample], prox: dict[int, torch.Tensor]) -> tuple[bool, dict[str, float]]:
@@ -178,16 +185,26 @@ class GRPOTrainer:
         return True, totals
 
     def _accumulate(self, samples: list[Sample], prox: dict[int, torch.Tensor]) -> dict[str, float]:
-        micro = pack_micro_batches(samples, self.cfg.micro_batch_tokens)
         agg = self.grpo.loss_agg
         total = sum(len(s.turn.completion_ids) for s in samples) if agg == "token_mean" else len(samples)
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "entropy": 0.0}
-        for batch in micro:
+        for batch, counted in self._micro_batches(samples):
             share = (sum(len(s.turn.completion_ids) for s in batch) if agg == "token_mean" else len(batch)) / total
-            stats = self._micro_step(batch, share, prox)
+            stats = self._micro_step(batch, share if counted else 0.0, prox)
             for k in sums:
-                sums[k] += stats[k] * share
-        return sums
+                sums[k] += stats[k] * share if counted else 0.0
+        return {k: sum(part[k] for part in self._all_ranks(sums)) for k in sums}
+
+    def _micro_batches(self, samples: list[Sample], keep=None) -> list[tuple[list[Sample], bool]]:
+        """This process's micro-batches of `samples` (those `keep` accepts), each with whether it counts. One
+        process: all of them, packed by the token budget; FSDP ranks (`cua_kit.distributed.ShardedTrainer`) each
+        take a share and pad with uncounted copies, so that every rank runs as many forwards as the others."""
+        kept = [s for s in samples if keep is None or keep(s)]
+        return [(batch, True) for batch in pack_micro_batches(kept, self.cfg.micro_batch_tokens)]
+
+    def _all_ranks(self, local: Any) -> list[Any]:
+        """`local` from every trainer process, in rank order (one process: just `local`)."""
+        return [local]
 
     def _micro_step(self, batch: list[Sample], share: float, proximal: dict[int, torch.Tensor]) -> dict[str, float]:
         device = self.policy.device
@@ -205,7 +222,7 @@ class GRPOTrainer:
                                 agg=self.grpo.loss_agg, max_is_weight=self.grpo.max_is_weight)
         (loss * share).backward()
         mask = scored.mask.bool()
-        if self._gap is not None:  # fresh samples: the generation engine's log-probs vs ours, same weights
+        if self._gap is not None and share > 0:  # fresh samples: the generation engine's log-probs vs ours
             fresh = mask & torch.tensor([s.turn.version == self.version for s in batch], device=device)[:, None]
             self._gap.append((behav[fresh].float().cpu(), scored.logprobs.detach()[fresh].float().cpu()))
         stats["entropy"] = scored.entropy[mask].mean().item() if scored.entropy is not None and mask.any() else 0.0
@@ -215,7 +232,7 @@ class GRPOTrainer:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded grads: a DTensor norm
 
     def _schedule_step(self, stepped: bool) -> None:
         """The LR schedule follows trainer steps, updated or not. Before the first real optimizer step torch
@@ -226,13 +243,32 @@ class GRPOTrainer:
             self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "version": self.version}
+        """The LR schedule and the version (the weights and the optimizer go through `save`)."""
+        return {"scheduler": self.scheduler.state_dict(), "version": self.version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
+
+    def save(self, folder: Path) -> None:
+        """Into a checkpoint folder: `adapter/` (plain peft), `weights/` (the trained tensors and the optimizer,
+        through torch.distributed.checkpoint: they load on any number of ranks) and `trainer.pt`."""
+        save_adapter(self.policy.model, folder / "adapter")
+        save_weights(folder / WEIGHTS, self.policy.model, self.optimizer)
+        torch.save(self.state_dict(), folder / "trainer.pt")
+
+    def load(self, folder: Path) -> None:
+        """Back to the state `save` wrote (a checkpoint from before `weights/` holds the optimizer in trainer.pt)."""
+        state = torch.load(folder / "trainer.pt", weights_only=False)
+        if (folder / WEIGHTS).exists():
+            load_weights(folder / WEIGHTS, self.policy.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.load_state_dict(state)
+
+    def export(self, adapters_dir: Path) -> Path:
+        """The current version's adapter as a plain peft folder for a generation server (`export_adapter`)."""
+        return export_adapter(self.policy.model, adapters_dir, self.version)
 
 
 def rollout_mismatch(behaviour: torch.Tensor, trainer: torch.Tensor) -> dict[str, float]:

@@ -4,6 +4,8 @@ A queue gathers requests for up to `batch_wait_ms` or until `max_batch`; the bat
 thread so the event loop keeps stepping envs meanwhile. The backend generates with the trainer's own weights
 (`shares_weights`): `pause()` waits for the batch in flight and holds back the next one until `resume()`, so a
 generation never sees half-updated weights, and each completion records the version its weights had.
+With `shares_weights=False` it generates with a copy of its own (rank 0 of an FSDP run, whose trainer holds
+only shards: `cua_kit.distributed`), and `update_weights` loads each new adapter into it, like a server.
 """
 
 from __future__ import annotations
@@ -30,13 +32,12 @@ class _Pending:
 class HFPolicy:
     """Policy protocol over a transformers model (optionally a peft LoRA model) in this process."""
 
-    shares_weights = True
-
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, batch_wait_ms: float = 5.0,
-                 kv_cache: str = "dynamic", generate_kwargs: dict | None = None):
+                 kv_cache: str = "dynamic", generate_kwargs: dict | None = None, shares_weights: bool = True):
         if kv_cache not in ("dynamic", "static"):
             raise ValueError(f"kv_cache must be 'dynamic' or 'static', got {kv_cache!r}")
         self.loaded = loaded
+        self.shares_weights = shares_weights  # False: `loaded` is a copy that update_weights keeps current
         self.static = kv_cache == "static"
         self.generate_kwargs = generate_kwargs or {}  # extra `generate` arguments (benchmarks)
         self.max_batch = max_batch
@@ -68,7 +69,15 @@ class HFPolicy:
         self._events()[0].set()
 
     async def update_weights(self, version: int, adapter_dir=None) -> None:
-        """The trainer changed the shared weights in place: only the version number is news."""
+        """Shared weights: the trainer changed them in place, only the version number is news. Own copy: the
+        adapter's tensors are loaded into it between two generate calls."""
+        if not self.shares_weights and adapter_dir is not None:
+            await self.pause()
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._thread, _load_adapter, self.loaded.model,
+                                                                 adapter_dir)
+            finally:
+                await self.resume()
         self._version = version
 
     def stats(self) -> dict[str, float]:
@@ -190,6 +199,16 @@ class HFPolicy:
         for eos in ("<|im_end|>", "<|endoftext|>"):
             text = text.removesuffix(eos)
         return Completion(ids, logprobs[: len(ids)].tolist(), text, version, finish)
+
+
+def _load_adapter(model, adapter_dir) -> None:
+    """A plain peft adapter folder's tensors into `model`'s trained adapter ("default"), in place."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name="default")
+    if result.unexpected_keys:
+        raise ValueError(f"{adapter_dir}: tensors this model has no LoRA module for: {result.unexpected_keys[:3]}")
 
 
 STATIC_WIDTH = 64  # kv_cache=static: prompt widths are rounded up to a multiple of this

@@ -165,16 +165,30 @@ def reference_model(model: Any) -> Iterator[Any]:
     switched to the frozen warm-start adapter when there is one (no second model copy either way)."""
     if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
         trained = model.active_adapter
-        model.set_adapter(REFERENCE_ADAPTER)
-        try:
-            yield model
-        finally:
-            model.set_adapter(trained)  # also restores requires_grad on the trained adapter only
+        with _requires_grad_kept(model):
+            model.set_adapter(REFERENCE_ADAPTER)
+            try:
+                yield model
+            finally:
+                model.set_adapter(trained)
     elif hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
+        with _requires_grad_kept(model), model.disable_adapter():
             yield model
     else:  # no LoRA: the model is its own reference only if nothing trains; callers set kl_ctl=0
         yield model
+
+
+@contextlib.contextmanager
+def _requires_grad_kept(model: Any) -> Iterator[None]:
+    """peft switches adapters by flipping `requires_grad` on the parameters registered at the time. Under FSDP2
+    the registered tensors can change inside (the root keeps its gathered ones after a forward), so the flags
+    are put back on the very tensors that were registered on the way in (peft puts them right on the others)."""
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)
 
 
 def _load_unsloth(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None) -> LoadedModel:
