@@ -334,6 +334,7 @@ class MiniWobEnv(Env):
 
     name = "miniwob"
     tool = "computer_use"
+    task_key = "task"
 
     def __init__(self, browser: MiniWobBrowser | None = None, chromium_path: str | None = None, **_: Any):
         self._own_browser = browser is None  # shared per loop, refcounted; else the caller closes it
