@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cua_kit.actions import random_action
+from cua_kit.actions import Action, random_action
 from cua_kit.cli import main
 from cua_kit.envs import Task, load_tasks
 from cua_kit.envs.miniwob import MiniWobBrowser, MiniWobEnv
@@ -179,3 +179,51 @@ def test_eval_on_miniwob_reports_each_task_and_the_mean_over_tasks(chromium_path
     code = main(["eval", *common, "--episodes", "2"])  # synth: no task_key, the output it always had
     assert code == 0 and set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"episodes",
                                                                                                "success_rate"}
+
+
+async def _click(env: MiniWobEnv, selector: str, index: int = 0) -> None:
+    """Click the centre of the `index`-th match of `selector`, in screenshot pixels (2x CSS px)."""
+    x, y = await env._page.evaluate("([s, i]) => { const r = document.querySelectorAll(s)[i].getBoundingClientRect();"
+                                    " return [r.left + r.width / 2, r.top + r.height / 2]; }", [selector, index])
+    await env.step(Action(kind="click", x=int(2 * x), y=int(2 * y)))
+
+
+async def _keys(env: MiniWobEnv, *names: str) -> None:
+    for name in names:
+        await env.step(Action(kind="key", text=name))
+
+
+@pytest.mark.browser
+def test_clipboard_and_multiple_choice_pages_are_solvable_with_the_action_set(chromium_path):
+    """What docs/environments.md says works headless: copy-paste through ctrl+a/c/v, and click-scroll-list's
+    two choices through the keyboard (ctrl+ArrowDown moves in the list, ctrl+Space toggles)."""
+    async def copy_paste(env: MiniWobEnv, seed: int) -> float:
+        await env.reset(task("copy-paste", seed))
+        await _click(env, "#to-copy")
+        await _keys(env, "ctrl+a", "ctrl+c")
+        await _click(env, "#answer-input")
+        await _keys(env, "ctrl+v")
+        await _click(env, "#subbtn")
+        return await env.evaluate()
+
+    async def scroll_list(env: MiniWobEnv, seed: int) -> float:
+        obs = await env.reset(task("click-scroll-list", seed))
+        want = obs.instruction.removeprefix("Select ").removesuffix(" from the scroll list and click Submit.")
+        options = await env._page.evaluate("[...document.querySelectorAll('#options option')].map(o => o.textContent)")
+        wanted = [i for i, text in enumerate(options) if text in want.split(", ")]
+        await _click(env, "#options option", 0)  # the top option: selected and focused
+        if 0 not in wanted:
+            await _keys(env, "ctrl+Space")
+        for prev, i in zip([0, *wanted], wanted):
+            await _keys(env, *["ctrl+ArrowDown"] * (i - prev), *(["ctrl+Space"] if i else []))
+        await _click(env, "#area button")
+        return await env.evaluate()
+
+    async def run() -> list[float]:
+        env = MiniWobEnv(chromium_path=chromium_path)
+        try:
+            return [await copy_paste(env, s) for s in range(2)] + [await scroll_list(env, s) for s in range(4)]
+        finally:
+            await env.close()
+
+    assert asyncio.run(run()) == [1.0] * 6

@@ -1,6 +1,7 @@
 """MiniWoB++ tasks in real headless Chromium: the kit's embedded real environment.
 
-The task pages come from the PyPI `miniwob` wheel (plain HTML, no network). One `MiniWobBrowser`
+The task pages come from the PyPI `miniwob` wheel (plain HTML, no network); which of them run and why the
+others are refused is `miniwob_tasks.py`. One `MiniWobBrowser`
 (a Chromium process driven by async Playwright) is shared by many `MiniWobEnv`s in a process; each env
 has its own BrowserContext and page. The agent sees only the 160x210 CSS px task area, rendered at
 `device_scale_factor=2` (a 320x420 screenshot), and acts in pixels of that screenshot.
