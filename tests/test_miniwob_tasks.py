@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import re
 import sqlite3
@@ -227,3 +228,26 @@ def test_clipboard_and_multiple_choice_pages_are_solvable_with_the_action_set(ch
             await env.close()
 
     assert asyncio.run(run()) == [1.0] * 6
+
+
+@pytest.mark.browser
+def test_train_evals_on_miniwob_report_each_task(chromium_path, tmp_path):
+    """The evals `cua-kit train` runs: a per-task table in the log and per-task rates on the learning curve."""
+    names = ["click-color", "drag-items", "email-inbox-nl-turk"]
+    task_file = tmp_path / "tasks.jsonl"
+    task_file.write_text("".join(json.dumps(t.to_dict()) + "\n" for name in names
+                                 for t in (dataclasses.replace(task(name, 0), id=f"{name}/train/0", split="train"),
+                                           task(name))))
+    cmd = [sys.executable, "-m", "cua_kit.cli", "train", "configs/quickstart.yaml", "model.adapter_path=",
+           "env.name=miniwob", f"env.task_file={task_file}", "env.task_filter=[]", f"output_dir={tmp_path}",
+           "trainer.max_steps=1", "trainer.batch_size=1", "rollout.n_samples=2", "rollout.max_turns=1",
+           "rollout.max_new_tokens=12", "rollout.max_concurrent_rollouts=2", "trainer.eval_episodes=3",
+           "trainer.eval_sampled=false"]
+    log = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    assert "[Eval before] per task:" in log and log.count("mean over 3 tasks: ") == 2  # before and after
+    curve = [json.loads(line) for line in (tmp_path / "quickstart/trial0/eval/curve.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in curve] == ["before", "after"]
+    for point in curve:
+        assert set(point["per_task"]) == set(names)
+        assert point["task_mean_success_rate"] == pytest.approx(sum(point["per_task"].values()) / 3)
