@@ -27,7 +27,7 @@ from cua_kit.envs.synth import SynthEnv, synth_tasks
 from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.grammar import ActionGrammar
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.models.loader import load_policy
+from cua_kit.models.loader import load_model
 
 MODES = {"dynamic": ("dynamic", False), "dynamic+grammar": ("dynamic", True),
          "static": ("static", False), "static+grammar": ("static", True)}
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", default="outputs/bench/generate_hf.json")
     args = ap.parse_args()
-    loaded = load_policy(ModelConfig(name=args.model, device=args.device), LoraConfig(r=32, alpha=64))
+    loaded = load_model(ModelConfig(name=args.model, device=args.device), LoraConfig(r=32, alpha=64))
     agent = Agent(loaded.processor, "mobile_use", "relative", 1, 61440, tool_description="compact")
     requests = asyncio.run(prompts(agent, args.batch))
     for r in requests:

@@ -27,10 +27,10 @@ import torch
 from cua_kit.config import Config, load_config
 from cua_kit.grpo.losses import group_advantages
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
-from cua_kit.models.loader import load_policy
+from cua_kit.inference.base import writing_weights
 from cua_kit.rollout.episode import Episode, run_episode
 from cua_kit.sft import record_demos, train_sft_steps
-from cua_kit.train import attach_action_grammar, episode_settings, make_agent, make_policy, make_pool, tasks_for
+from cua_kit.build import episode_settings, make_agent, make_model, make_policy, make_pool, tasks_for
 
 
 class OneTask:
@@ -39,11 +39,11 @@ class OneTask:
     def __init__(self, cfg: Config, sft_steps: int):
         torch.manual_seed(cfg.trainer.seed)
         self.cfg = cfg
-        self.loaded = attach_action_grammar(cfg, load_policy(cfg.model, cfg.lora))
+        self.loaded = make_model(cfg)
         self.agent = make_agent(cfg, self.loaded.processor)
         self.sft_steps = sft_steps
         self.policy = make_policy(cfg, self.loaded)
-        self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
+        self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, episode_settings(cfg).sampling)
         self.pool, self.settings = make_pool(cfg), episode_settings(cfg)  # one env pool for every episode played
 
     async def warm_start(self) -> None:
@@ -79,7 +79,9 @@ class OneTask:
         rewards = torch.tensor([float(e.reward or 0.0) for e in episodes])
         advantages = group_advantages(rewards, mode=self.cfg.grpo.adv_mode).tolist()
         samples = [Sample(t.sample, a, task.id) for e, a in zip(episodes, advantages) for t in e.turns]
-        stats = await asyncio.to_thread(self.trainer.update, samples, self.policy.set_version)
+        async with writing_weights(self.policy):
+            stats = await asyncio.to_thread(self.trainer.update, samples)
+            await self.policy.update_weights(self.trainer.version, None)
         return {"success": sum(e.success for e in episodes) / n, "pg_loss": stats.get("pg_loss", 0.0),
                 "grad_norm": stats["grad_norm"], "entropy": stats.get("entropy", 0.0)}
 

@@ -21,12 +21,13 @@ import torch
 
 from cua_kit.config import Config, load_config
 from cua_kit.evaluate import run_eval
-from cua_kit.models.loader import LoadedPolicy, load_policy
+from cua_kit.models.loader import LoadedModel
 from cua_kit.sft import record_demos, train_sft_steps
-from cua_kit.train import attach_action_grammar, make_agent, make_policy, make_pool, tasks_for, train
+from cua_kit.build import make_agent, make_model, make_policy, make_pool, tasks_for
+from cua_kit.train import train
 
 
-async def held_out(cfg: Config, loaded: LoadedPolicy, temperature: float, label: str) -> float:
+async def held_out(cfg: Config, loaded: LoadedModel, temperature: float, label: str) -> float:
     cfg.trainer.eval_temperature = temperature
     policy, pool = make_policy(cfg, loaded), make_pool(cfg)
     try:
@@ -40,7 +41,7 @@ async def held_out(cfg: Config, loaded: LoadedPolicy, temperature: float, label:
 def warm_start(cfg: Config, n_demos: int, sft_steps: int) -> dict:
     """SFT a fresh LoRA on `n_demos` tasks' demos for `sft_steps` steps; returns its row (adapter saved)."""
     torch.manual_seed(cfg.trainer.seed)
-    loaded = attach_action_grammar(cfg, load_policy(cfg.model, cfg.lora))
+    loaded = make_model(cfg)
     agent = make_agent(cfg, loaded.processor)
     demos = asyncio.run(record_demos(cfg, agent, tasks_for(cfg, "train")[:n_demos], 1))
     t = time.time()

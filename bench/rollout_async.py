@@ -29,9 +29,9 @@ from cua_kit.agent import Agent, Prompt
 from cua_kit.config import LoraConfig, ModelConfig
 from cua_kit.envs.pool import EnvPool, LatencyEnv
 from cua_kit.envs.synth import SynthEnv, synth_tasks
-from cua_kit.inference.base import GenerationRequest, SamplingParams
+from cua_kit.inference.base import GenerationRequest, Policy, SamplingParams, writing_weights
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.models.loader import LoadedPolicy, load_policy
+from cua_kit.models.loader import LoadedModel, load_model
 from cua_kit.models.tiny import make_tiny_model
 from cua_kit.rollout.controller import ControllerSettings, RolloutController, TaskSampler
 from cua_kit.rollout.episode import EpisodeSettings
@@ -51,14 +51,14 @@ class TapFallbackAgent(Agent):
         return Action("click", x=self.rng.randrange(screen_size[0]), y=self.rng.randrange(screen_size[1]))
 
 
-def train_step(policy: HFPolicy, seconds: float) -> None:
-    """A simulated optimizer step: hold the model lock for `seconds`, bump the version inside it."""
-    with policy.model_lock:
-        time.sleep(seconds)
-        policy.set_version(policy.version + 1)
+async def train_step(policy: Policy, seconds: float) -> None:
+    """A simulated optimizer step of `seconds`, then the new version served (as the training loop does it)."""
+    async with writing_weights(policy):
+        await asyncio.to_thread(time.sleep, seconds)
+        await policy.update_weights(policy.version + 1, None)
 
 
-async def run_mode(loaded: LoadedPolicy, args: argparse.Namespace, max_staleness: int) -> dict:
+async def run_mode(loaded: LoadedModel, args: argparse.Namespace, max_staleness: int) -> dict:
     policy = HFPolicy(loaded, max_batch=args.max_concurrent, batch_wait_ms=5)
     pool = EnvPool(lambda: LatencyEnv(SynthEnv(screen_size=(args.width, args.height)), args.env_latency, 0.0),
                    args.max_concurrent)
@@ -77,10 +77,11 @@ async def run_mode(loaded: LoadedPolicy, args: argparse.Namespace, max_staleness
             staleness += [version - v for g in batch for e in g.valid for v in e.versions]
             turns += sum(len(e.turns) for g in batch for e in g.valid)
             t0 = time.perf_counter()
-            await asyncio.to_thread(train_step, policy, args.train_s)
+            await train_step(policy, args.train_s)
             train_s += time.perf_counter() - t0
             await controller.notify_version()
         wall = time.perf_counter() - start
+        gen = policy.stats()
     finally:
         await controller.stop()
         await policy.close()
@@ -90,14 +91,14 @@ async def run_mode(loaded: LoadedPolicy, args: argparse.Namespace, max_staleness
         "max_staleness": max_staleness, "steps": args.steps, "wall_s": round(wall, 2),
         "episodes_consumed": episodes, "episodes_per_hour": round(episodes / wall * 3600, 1),
         "s_per_step": round(wall / args.steps, 2), "train_s": round(train_s, 2),
-        "generate_busy_s": round(policy.busy_s, 2), "turns_per_episode": round(turns / episodes, 2),
-        "mean_gen_batch": round(sum(policy.batch_sizes) / max(1, len(policy.batch_sizes)), 2),
+        "generate_busy_s": round(gen["gen_busy_s"], 2), "turns_per_episode": round(turns / episodes, 2),
+        "mean_gen_batch": round(gen["gen_requests"] / max(1, gen["gen_calls"]), 2),
         "staleness_mean": round(sum(staleness) / max(1, len(staleness)), 3), "staleness_max": max(staleness, default=0),
         "episodes_started": controller.stats.episodes, "groups_dropped_stale": controller.stats.groups_dropped_stale,
     }
 
 
-def warm_up(loaded: LoadedPolicy, args: argparse.Namespace) -> None:
+def warm_up(loaded: LoadedModel, args: argparse.Namespace) -> None:
     """One generation per batch size used later, so neither mode pays first-call costs."""
     policy = HFPolicy(loaded)
     agent = Agent(loaded.processor, "mobile_use", "relative", max_pixels=args.max_pixels)
@@ -132,7 +133,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model_dir = args.model_dir or str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "qwen3_vl", "tiny"))
-    loaded = load_policy(ModelConfig(name=model_dir, device=args.device), LoraConfig(r=4, alpha=8))
+    loaded = load_model(ModelConfig(name=model_dir, device=args.device), LoraConfig(r=4, alpha=8))
     warm_up(loaded, args)
     results = [asyncio.run(run_mode(loaded, args, 0)), asyncio.run(run_mode(loaded, args, args.async_staleness))]
     ratio = results[1]["episodes_per_hour"] / results[0]["episodes_per_hour"]

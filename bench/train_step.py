@@ -47,7 +47,7 @@ from cua_kit.config import GRPOConfig, LoraConfig, TrainerConfig
 from cua_kit.grpo.scoring import score
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
 from cua_kit.models.inputs import Row, collate
-from cua_kit.models.loader import LoadedPolicy, apply_lora, reference_model
+from cua_kit.models.loader import LoadedModel, apply_lora, reference_model
 from cua_kit.models.tiny import _processor, build_tokenizer
 from cua_kit.rollout.episode import TurnSample
 
@@ -182,7 +182,7 @@ def run_kit(model: Any, processor: Any, rows: list, args: argparse.Namespace, de
             dtype: torch.dtype, kl_ctl: float = 0.01) -> dict[str, Any]:
     """The kit's update: apply_lora + GRPOTrainer.update on fresh Sample rows (kl_ctl 0: no reference forward)."""
     peft_model, targets = apply_lora(model, LORA)
-    policy = LoadedPolicy(peft_model, processor, "qwen3_vl", device, dtype, targets)
+    policy = LoadedModel(peft_model, processor, "qwen3_vl", device, dtype, targets)
     one_micro_batch = TrainerConfig(micro_batch_tokens=args.rows * args.seq, max_seq_length=args.seq)
     trainer = GRPOTrainer(policy, GRPOConfig(kl_ctl=kl_ctl), one_micro_batch, TEMPERATURE)
     behaviour = reference_logprobs(policy, rows, device)  # = the policy's at step 0 (LoRA B is zero)
@@ -212,14 +212,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
         yield
 
 
-def reference_logprobs(policy: LoadedPolicy, rows: list, device: torch.device) -> list[list[float]]:
+def reference_logprobs(policy: LoadedModel, rows: list, device: torch.device) -> list[list[float]]:
     """The completions' log-probs under the adapter-disabled model (no grad), one list per row."""
     with torch.no_grad(), autocast(device, policy.dtype), reference_model(policy.model) as m:
         scored = score(m, policy.processor, rows, TEMPERATURE, device)
     return [scored.logprobs[i, -len(c):].float().tolist() for i, (_, c, _) in enumerate(rows)]
 
 
-def kit_breakdown(policy: LoadedPolicy, rows: list, device: torch.device) -> dict[str, float]:
+def kit_breakdown(policy: LoadedModel, rows: list, device: torch.device) -> dict[str, float]:
     """Where an update's extra time goes: the CPU collate (image processing) and the reference forward."""
     cpu_rows = [Row(p + c, imgs) for p, c, imgs in rows]
     collate_times, _ = time_steps(lambda: collate(policy.processor, cpu_rows, "cpu"), torch.device("cpu"),

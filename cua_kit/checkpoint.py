@@ -58,6 +58,27 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: Any, trainer_state: dict[s
     return final
 
 
+ADAPTERS_KEPT = 2  # exported versions kept on disk: the served one, and the one before it while it is swapped
+
+
+def export_adapter(model: Any, adapters_dir: Path, version: int) -> Path:
+    """The trained LoRA adapter of `version` as a plain peft folder `adapters_dir/v<version>` (written atomically,
+    for a generation server to load); older exports beyond ADAPTERS_KEPT are deleted. Only the trained adapter
+    ("default") is written, never the frozen KL-reference one."""
+    final = adapters_dir / f"v{version}"
+    if (final / "adapter_config.json").exists():
+        return final
+    tmp = adapters_dir / f".tmp-v{version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    selected = {"selected_adapters": ["default"]} if "default" in getattr(model, "peft_config", {}) else {}
+    model.save_pretrained(tmp, **selected)
+    os.rename(tmp, final)
+    versions = sorted((int(d.name[1:]), d) for d in adapters_dir.glob("v*") if d.name[1:].isdigit())
+    for _, old in versions[:-ADAPTERS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():

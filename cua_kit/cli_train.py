@@ -43,13 +43,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 @command("eval", "held-out success of a checkpoint on the eval split",
          "examples:\n  cua-kit eval configs/quickstart.yaml --checkpoint outputs/quickstart/trial0/checkpoints/checkpoint-20 --episodes 40 --json")(_add_eval)
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from cua_kit.build import make_agent, make_model, make_policy, make_pool
     from cua_kit.evaluate import adapter_folder, per_task_table, run_eval
-    from cua_kit.models.loader import load_policy
-    from cua_kit.train import attach_action_grammar, make_agent, make_policy, make_pool
 
     cfg = _load(args, extra)
     adapter = adapter_folder(args.checkpoint) if args.checkpoint else None
-    loaded = attach_action_grammar(cfg, load_policy(cfg.model, cfg.lora, adapter_path=adapter))
+    loaded = make_model(cfg, adapter_path=adapter)
 
     async def go():
         policy, pool = make_policy(cfg, loaded), make_pool(cfg)

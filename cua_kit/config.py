@@ -153,6 +153,11 @@ class GRPOConfig:
     """Clamp on the behaviour importance weight exp(prox - behav) in the decoupled objective."""
     minibatches: int = 1
     """Optimizer steps per rollout batch (PPO mini-batches, whole groups each); the clip keeps later ones close."""
+    rollout_correction: bool = False
+    """Recompute the trainer's log-probs of every sample (not only stale ones) before the update, so the decoupled
+    objective's weight exp(prox - behav), clamped at max_is_weight, corrects the generation engine's log-prob
+    mismatch: truncated importance sampling (verl's rollout TIS, TRL's vllm_importance_sampling_correction).
+    Costs one no-grad forward per sample; useful with rollout.backend=vllm."""
 
 
 @dataclass
@@ -233,15 +238,13 @@ class LoggingConfig:
     wandb_project: str = "cua-kit"
     """W&B project (env var WANDB_PROJECT)."""
     progress: bool = True
-    """Show a progress bar for rollouts."""
+    """Show a progress bar while held-out evals run (they can take minutes before the first step)."""
 
 
 @dataclass
 class LaunchConfig:
     n_gpus: int = 1
     """GPUs for the run (0 = CPU); N > 1 launches through torchrun."""
-    inference_gpus: int = 0
-    """GPUs reserved for inference in a split layout (0 = colocated)."""
 
 
 @dataclass

@@ -16,7 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from cua_kit.agent import Agent
+from cua_kit.build import episode_settings, tasks_for
 from cua_kit.config import Config
 from cua_kit.envs import Task, env_class
 from cua_kit.envs.pool import EnvPool
@@ -31,8 +34,6 @@ async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, epi
     """Run `episodes` held-out episodes at `temperature` (default trainer.eval_temperature);
     returns {"episodes", "success_rate", "env_errors", "trace"}, and `per_task_summary`'s keys on envs with
     a `task_key`."""
-    from cua_kit.train import episode_settings, tasks_for
-
     key = env_class(cfg.env.name).task_key
     tasks = tasks_for(cfg, cfg.env.eval_split)
     tasks = round_robin(tasks, key) if key else tasks
@@ -40,12 +41,19 @@ async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, epi
     out_dir = run_dir / "eval" / label
     limit = asyncio.Semaphore(max(1, cfg.rollout.max_concurrent_rollouts))
 
+    bar = tqdm(total=episodes, desc=f"eval {label}", unit="ep", disable=not cfg.logging.progress, leave=False)
+
     async def one(i: int) -> Episode:
         async with limit, pool.lease() as env:
-            return await run_episode(env, tasks[i % len(tasks)], agent, policy, settings, f"eval-{label}-{i:04d}",
-                                     out_dir, 0)
+            episode = await run_episode(env, tasks[i % len(tasks)], agent, policy, settings,
+                                        f"eval-{label}-{i:04d}", out_dir, 0)
+        bar.update(1)
+        return episode
 
-    results = await asyncio.gather(*(one(i) for i in range(episodes)))
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(episodes)))
+    finally:
+        bar.close()
     _write_trace(out_dir, f"eval-{label}", cfg, results)
     scored = [e for e in results if e.reward is not None]
     rate = sum(e.success for e in scored) / len(scored) if scored else 0.0

@@ -23,7 +23,7 @@ from cua_kit.config import Config, save_config
 from cua_kit.envs import make_env
 from cua_kit.envs.base import Task
 from cua_kit.grpo.scoring import score
-from cua_kit.models.loader import LoadedPolicy
+from cua_kit.models.loader import LoadedModel
 
 
 @dataclass
@@ -67,20 +67,20 @@ async def _one_demo(env: Any, task: Task, agent: Agent, tok: Any, max_turns: int
     return out
 
 
-def train_sft(policy: LoadedPolicy, demos: list[Demo], epochs: int, batch_size: int, lr: float,
+def train_sft(loaded: LoadedModel, demos: list[Demo], epochs: int, batch_size: int, lr: float,
               seed: int = 1, log_every: int = 10) -> list[float]:
     """Minimise the NLL of the demo targets; returns the loss of every optimizer step."""
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     rng, losses = random.Random(seed), []
-    policy.model.train()
+    loaded.model.train()
     for epoch in range(epochs):
         order = list(range(len(demos)))
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
             batch = [demos[i] for i in order[start:start + batch_size]]
-            scored = score(policy.model, policy.processor, [(d.prompt_ids, d.target_ids, d.images) for d in batch],
-                           1.0, policy.device)
+            scored = score(loaded.model, loaded.processor, [(d.prompt_ids, d.target_ids, d.images) for d in batch],
+                           1.0, loaded.device)
             loss = -(scored.logprobs * scored.mask).sum() / scored.mask.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -93,30 +93,30 @@ def train_sft(policy: LoadedPolicy, demos: list[Demo], epochs: int, batch_size: 
     return losses
 
 
-def train_sft_steps(policy: LoadedPolicy, demos: list[Demo], steps: int, batch_size: int, lr: float,
+def train_sft_steps(loaded: LoadedModel, demos: list[Demo], steps: int, batch_size: int, lr: float,
                     seed: int = 1, log_every: int = 10**9) -> list[float]:
     """`train_sft` for about `steps` optimizer steps: as many whole epochs over `demos` as that takes (SFT to
     convergence on few demos, not a run cut short); the batch is capped at the number of demos."""
     batch = min(batch_size, len(demos))
     epochs = max(1, math.ceil(steps * batch / len(demos)))
-    return train_sft(policy, demos, epochs, batch, lr, seed, log_every)
+    return train_sft(loaded, demos, epochs, batch, lr, seed, log_every)
 
 
 def run_sft(cfg: Config) -> Path:
     """`cua-kit sft`: record demos on the train split, train a LoRA, save it to <run>/<sft.output>/adapter."""
-    from cua_kit.models.loader import load_policy
-    from cua_kit.train import make_agent, tasks_for
+    from cua_kit.build import make_agent, tasks_for
+    from cua_kit.models.loader import load_model
 
     torch.manual_seed(cfg.trainer.seed)
-    policy = load_policy(cfg.model, cfg.lora)
-    agent = make_agent(cfg, policy.processor)
+    loaded = load_model(cfg.model, cfg.lora)
+    agent = make_agent(cfg, loaded.processor)
     tasks = tasks_for(cfg, cfg.env.train_split)
     tasks = tasks[: cfg.sft.max_tasks] if cfg.sft.max_tasks else tasks
     demos = asyncio.run(record_demos(cfg, agent, tasks, cfg.sft.demos_per_task))
     print(f"SFT: {len(demos)} demonstration turns from {len(tasks)} tasks", flush=True)
-    train_sft(policy, demos, cfg.sft.epochs, cfg.sft.batch_size, cfg.sft.learning_rate, cfg.trainer.seed)
+    train_sft(loaded, demos, cfg.sft.epochs, cfg.sft.batch_size, cfg.sft.learning_rate, cfg.trainer.seed)
     out = cfg.run_dir / cfg.sft.output / "adapter"
-    policy.model.save_pretrained(out)
+    loaded.model.save_pretrained(out)
     save_config(cfg, out.parent)
     print(f"SFT adapter saved to {out}", flush=True)
     return out

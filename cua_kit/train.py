@@ -3,10 +3,11 @@
     cfg = load_config("configs/quickstart.yaml", ["trainer.max_steps=5"])
     summary = train(cfg)
 
-Layout (colocated, single process): the rollout controller runs episodes on the event loop while the
-update runs in a worker thread holding the model lock; after each optimizer step the policy version is
-bumped and the next turn of every episode uses the new weights (same model object, in-process).
-Outputs go to outputs/<experiment>/<trial>/: config.yaml, trace.db, screens/, checkpoints/, tb/.
+The loop, one step: next batch of groups -> `trainer.update` (in a worker thread; a backend that shares the
+trainer's weights is paused meanwhile) -> `policy.update_weights(version, adapter)` (a server gets the new
+LoRA adapter) -> the controller is notified, and the next turn of every episode uses the new version.
+The parts are built by `cua_kit.build`. Outputs go to outputs/<experiment>/<trial>/: config.yaml, trace.db,
+screens/, checkpoints/, tb/ (and adapters/ for a server backend).
 """
 
 from __future__ import annotations
@@ -28,88 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from cua_kit.agent import Agent
-from cua_kit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cua_kit.build import episode_settings, make_agent, make_model, make_policy, make_pool, resume_checkpoint, tasks_for
+from cua_kit.checkpoint import export_adapter, load_checkpoint, save_checkpoint
 from cua_kit.config import Config, ConfigError, save_config
-from cua_kit.envs import env_class, load_tasks, make_env
-from cua_kit.envs.base import Task
-from cua_kit.envs.pool import EnvPool, LatencyEnv
+from cua_kit.envs.pool import EnvPool
 from cua_kit.evaluate import curve_path, reconcile_evals
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
-from cua_kit.inference.base import SamplingParams
-from cua_kit.inference.hf import HFPolicy
+from cua_kit.inference.base import writing_weights
 from cua_kit.logs import MetricsLogger, group_line, step_line
-from cua_kit.models.loader import LoadedPolicy, load_policy
+from cua_kit.models.loader import LoadedModel
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
-from cua_kit.rollout.episode import EpisodeSettings
 from cua_kit.trace.rows import mark_consumed, write_group
 from cua_kit.trace.store import SCHEMA, TraceWriter
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- building blocks
-def tasks_for(cfg: Config, split: str) -> list[Task]:
-    tasks = load_tasks(cfg.env.task_file, split=split, env=cfg.env.name)
-    if cfg.env.task_filter:
-        tasks = [t for t in tasks if t.id.startswith(tuple(cfg.env.task_filter))]
-    if not tasks:
-        raise ConfigError(f"env.task_filter={cfg.env.task_filter} keeps no {split} task of {cfg.env.task_file}")
-    return tasks
-
-
-def make_pool(cfg: Config) -> EnvPool:
-    env_class(cfg.env.name)  # an unknown env name fails here, before anything starts
-
-    def factory():
-        env = make_env(cfg.env.name, **cfg.env.options)
-        return LatencyEnv(env, cfg.env.step_latency_s, 0.0) if cfg.env.step_latency_s > 0 else env
-
-    size = cfg.env.pool_size or cfg.rollout.max_concurrent_rollouts
-    return EnvPool(factory, size, step_timeout=cfg.env.step_timeout_s, reset_timeout=cfg.env.reset_timeout_s)
-
-
-def make_agent(cfg: Config, processor: Any) -> Agent:
-    r = cfg.rollout
-    return Agent(processor, env_class(cfg.env.name).tool, cfg.model.coord_mode, r.history_images, r.max_pixels,
-                 tool_description=r.tool_description)
-
-
-def attach_action_grammar(cfg: Config, loaded: LoadedPolicy) -> LoadedPolicy:
-    """`rollout.constrain_actions`: generation and scoring of `loaded` keep to the env tool's call grammar."""
-    if cfg.rollout.constrain_actions:
-        from cua_kit.inference.grammar import ActionGrammar
-
-        vocab = loaded.model.get_output_embeddings().weight.shape[0]
-        loaded.action_grammar = ActionGrammar(loaded.tokenizer, env_class(cfg.env.name).tool, cfg.model.coord_mode,
-                                              vocab)
-    return loaded
-
-
-def make_policy(cfg: Config, loaded: LoadedPolicy) -> HFPolicy:
-    """The in-process generation backend with the run's batching and cache settings."""
-    r = cfg.rollout
-    return HFPolicy(loaded, r.max_batch, r.batch_wait_ms, kv_cache=r.kv_cache)
-
-
-def episode_settings(cfg: Config, temperature: float | None = None) -> EpisodeSettings:
-    r = cfg.rollout
-    sampling = SamplingParams(r.temperature if temperature is None else temperature, r.top_p, r.top_k, r.max_new_tokens)
-    return EpisodeSettings(sampling, r.max_turns, r.format_penalty)
-
-
-def resume_checkpoint(cfg: Config) -> Path | None:
-    """recover.mode: auto = latest if any; resume = required (ckpt_path or latest); off = none."""
-    mode, explicit = cfg.recover.mode, cfg.recover.ckpt_path
-    if mode == "off":
-        return None
-    if explicit:
-        return Path(explicit)
-    latest = latest_checkpoint(cfg.run_dir / "checkpoints")
-    if latest is None and mode == "resume":
-        raise ConfigError(f"recover.mode=resume but {cfg.run_dir / 'checkpoints'} has no checkpoint; "
-                          "use recover.mode=auto to start fresh, or set recover.ckpt_path")
-    return latest
 
 
 @dataclass
@@ -123,9 +56,6 @@ class TrainingRun:
     """One `cua-kit train` run; `await run.main()` trains until max_steps or a stop signal."""
 
     def __init__(self, cfg: Config):
-        if cfg.rollout.backend != "hf":
-            raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not available yet: the vLLM server backend "
-                              "is a later issue; use rollout.backend=hf")
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,10 +68,9 @@ class TrainingRun:
         _seed_everything(cfg.trainer.seed)
         # with a warm start, the KL reference is the warm-start policy (frozen), not the bare base model
         reference = cfg.model.adapter_path if (cfg.model.adapter_path and cfg.grpo.kl_ctl > 0) else None
-        self.loaded: LoadedPolicy = attach_action_grammar(
-            cfg, load_policy(cfg.model, cfg.lora, adapter_path=adapter, reference_adapter=reference))
+        self.loaded: LoadedModel = make_model(cfg, adapter_path=adapter, reference_adapter=reference)
+        self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, episode_settings(cfg).sampling)
         self.policy = make_policy(cfg, self.loaded)
-        self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, cfg.rollout.temperature, self.policy.model_lock)
         self.train_tasks = tasks_for(cfg, cfg.env.train_split)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_tasks) / cfg.trainer.batch_size))
         self.run_id = f"{cfg.experiment_name}-{cfg.trial_name}"
@@ -149,7 +78,7 @@ class TrainingRun:
         self.state = RunState()
         self.stop_requested = asyncio.Event()
         self._last_counts: dict[str, int] = {}
-        self._gen_seen, self._gen_busy = 0, 0.0
+        self._last_gen: dict[str, float] = {}
         self._signals: list[int] = []  # the signals whose handlers this run installed
 
     def _controller(self, pool: EnvPool) -> RolloutController:
@@ -166,7 +95,6 @@ class TrainingRun:
             return
         state, trainer_state = load_checkpoint(self.resume_from)
         self.trainer.load_state_dict(trainer_state)
-        self.policy.set_version(self.trainer.version)
         controller.load_state_dict(state["controller"])
         self.state.step = state["step"]
         print(f"Resumed from {self.resume_from} at step {self.state.step} (version {self.trainer.version})", flush=True)
@@ -174,6 +102,7 @@ class TrainingRun:
     async def main(self) -> dict[str, Any]:
         cfg = self.cfg
         pool = make_pool(cfg)
+        await self._sync_weights()  # a resumed run (or a server backend) serves the trainer's version from turn one
         controller = self._controller(pool)
         self._restore(controller)
         # rows written after the checkpoint by a killed run are dropped: the resumed run writes them again
@@ -221,7 +150,7 @@ class TrainingRun:
             step = self.state.step + 1
             consumed_version = self.trainer.version
             samples = [Sample(turn, adv, g.group_id) for g in batch for turn, adv in g.samples()]
-            stats = await asyncio.to_thread(self.trainer.update, samples, self.policy.set_version)
+            stats = await self._update(samples)
             await controller.notify_version()
             self.state.step = step
             hours = max(time.time() - self.state.started, 1e-6) / 3600
@@ -239,6 +168,20 @@ class TrainingRun:
         if self.state.step != last_saved:
             self._save(controller)
         return "stopped" if self.stop_requested.is_set() and self.state.step < cfg.trainer.max_steps else "finished"
+
+    async def _update(self, samples: list[Sample]) -> dict[str, float]:
+        """update -> policy.update_weights (a backend generating with these very weights pauses meanwhile)."""
+        async with writing_weights(self.policy):
+            stats = await asyncio.to_thread(self.trainer.update, samples)
+            await self._sync_weights()
+        return stats
+
+    async def _sync_weights(self) -> None:
+        """Tell the policy about the trainer's version; a backend with its own copy gets the adapter's files."""
+        version, adapter = self.trainer.version, None
+        if not self.policy.shares_weights:
+            adapter = await asyncio.to_thread(export_adapter, self.loaded.model, self.run_dir / "adapters", version)
+        await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
         """The next batch, or None when a stop was requested first."""
@@ -276,11 +219,11 @@ class TrainingRun:
 
     def _generation_stats(self) -> dict[str, float]:
         """How well turns were batched and how busy generation was, since the previous step."""
-        sizes = self.policy.batch_sizes[self._gen_seen:]
-        self._gen_seen = len(self.policy.batch_sizes)
-        busy, self._gen_busy = self.policy.busy_s - self._gen_busy, self.policy.busy_s
-        return {"gen_batch_mean": float(np.mean(sizes)) if sizes else 0.0, "gen_calls": float(len(sizes)),
-                "gen_busy_s": busy}
+        now = self.policy.stats()
+        delta = {k: v - self._last_gen.get(k, 0.0) for k, v in now.items()}
+        self._last_gen = now
+        calls = delta.get("gen_calls", 0.0)
+        return {**delta, "gen_batch_mean": delta.get("gen_requests", 0.0) / calls if calls else 0.0}
 
     def _report(self, step: int, batch: list[Group], row: dict[str, float], metrics: MetricsLogger) -> None:
         epoch = (step - 1) // self.steps_per_epoch + 1
@@ -301,14 +244,15 @@ class TrainingRun:
 
     def _save(self, controller: RolloutController) -> None:
         self.trace.flush()  # the steps rows a checkpoint vouches for are on disk before it exists
-        with self.policy.model_lock:
-            path = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.loaded.model,
-                                   self.trainer.state_dict(), {"version": self.trainer.version,
-                                                               "controller": controller.state_dict()},
-                                   self.cfg.saver.keep_last)
+        # the loop calls this between updates: the weights are not being written
+        path = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.loaded.model,
+                               self.trainer.state_dict(), {"version": self.trainer.version,
+                                                           "controller": controller.state_dict()},
+                               self.cfg.saver.keep_last)
         log.info("saved %s", path)
 
     async def _evaluate(self, pool: EnvPool, label: str) -> dict[str, float]:
+        # evaluate imports build, not train: no cycle, but a lighter import
         from cua_kit.evaluate import per_task_table, run_eval
 
         agent, episodes = make_agent(self.cfg, self.loaded.processor), self.cfg.trainer.eval_episodes

@@ -17,9 +17,9 @@ from cua_kit.config import LoraConfig, ModelConfig
 from cua_kit.envs.base import EnvError, Observation, Task
 from cua_kit.envs.pool import EnvPool
 from cua_kit.envs.synth import SynthEnv, synth_tasks
-from cua_kit.inference.base import SamplingParams
+from cua_kit.inference.base import SamplingParams, writing_weights
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.models.loader import LoadedPolicy, load_policy
+from cua_kit.models.loader import LoadedModel, load_model
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
 from cua_kit.rollout.episode import EpisodeSettings
 
@@ -28,8 +28,8 @@ WAIT_S = 120  # generous: CI shares 2 cores with other jobs
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedPolicy:
-    return load_policy(ModelConfig(name=str(tiny_model_dir), device="cpu"), LoraConfig(r=4, alpha=8))
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"), LoraConfig(r=4, alpha=8))
 
 
 class ScriptedEnv(SynthEnv):
@@ -64,7 +64,7 @@ def scripted_task(task_id: str, reward: Any, seed: int = 0) -> Task:
     return Task(id=task_id, env="synth", params={"level": 0, "seed": seed, "reward": reward})
 
 
-def make_controller(loaded: LoadedPolicy, tasks: list[Task], pool: EnvPool | None = None, max_turns: int = 1,
+def make_controller(loaded: LoadedModel, tasks: list[Task], pool: EnvPool | None = None, max_turns: int = 1,
                     **settings: Any) -> RolloutController:
     policy = HFPolicy(loaded, max_batch=8, batch_wait_ms=10)
     cs = ControllerSettings(**{"n_samples": 2, "batch_size": 2, "max_concurrent_rollouts": 8, **settings})
@@ -88,17 +88,18 @@ async def wait_until(predicate, timeout: float = WAIT_S) -> None:
         await asyncio.sleep(0.02)
 
 
-def train_step(policy: HFPolicy, seconds: float) -> None:
-    """A simulated optimizer step: holds the model lock like the real trainer, bumps the version inside it."""
-    with policy.model_lock:
-        time.sleep(seconds)
-        policy.set_version(policy.version + 1)
+async def train_step(policy: HFPolicy, seconds: float) -> None:
+    """A simulated optimizer step, as the training loop runs one: generation paused while the (shared) weights
+    change, then the new version served."""
+    async with writing_weights(policy):
+        await asyncio.to_thread(time.sleep, seconds)
+        await policy.update_weights(policy.version + 1, None)
 
 
 # ---------------------------------------------------------------------------------------------- capacity
 def test_capacity_formula_by_hand(loaded):
     c = make_controller(loaded, synth_tasks(0, 2), max_staleness=2, batch_size=4)
-    c.policy.set_version(3)  # type: ignore[attr-defined]
+    asyncio.run(c.policy.update_weights(3, None))
     c.stats.groups_accepted = 5
     c._running = {object(), object(), object()}  # type: ignore[assignment] # three groups in flight
     assert c.capacity() == (2 + 3 + 1) * 4 - (5 + 3) == 16
@@ -114,7 +115,7 @@ def test_admission_stops_at_capacity_and_resumes_on_a_version_bump(loaded):
             await asyncio.sleep(0.5)
             assert c.group_seq == 4 and c.capacity() == 0
             await c.get_batch()
-            await asyncio.to_thread(train_step, c.policy, 0.0)
+            await train_step(c.policy, 0.0)
             await c.notify_version()
             # version 1: (1 + 1 + 1) * 2 - 4 accepted = 2 more
             await wait_until(lambda: c.group_seq == 6 and not c._running)
@@ -156,7 +157,7 @@ def test_staleness_bound_under_a_slow_trainer(loaded, max_staleness):
                 batch = await asyncio.wait_for(c.get_batch(), WAIT_S)
                 version = c.policy.version
                 staleness += [version - v for g in batch for e in g.valid for v in e.versions]
-                await asyncio.to_thread(train_step, c.policy, 0.4)
+                await train_step(c.policy, 0.4)
                 await c.notify_version()
         finally:
             await shutdown(c)
@@ -201,7 +202,7 @@ def test_zero_variance_groups_kept_or_filtered_and_counted(loaded, filter_zero_v
         try:
             while len(consumed) < 2:  # two epochs: both tasks drawn twice unless a kept batch comes first
                 consumed += await asyncio.wait_for(c.get_batch(), WAIT_S)
-                await asyncio.to_thread(train_step, c.policy, 0.0)
+                await train_step(c.policy, 0.0)
                 await c.notify_version()
         finally:
             await shutdown(c)

@@ -14,7 +14,7 @@ from cua_kit.grpo.scoring import score
 from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.grammar import ActionGrammar, unpack_bitmask
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.models.loader import load_policy
+from cua_kit.models.loader import load_model
 from tests.test_actions import _actions
 
 PHONE = (360, 640)
@@ -22,7 +22,7 @@ PHONE = (360, 640)
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_policy(ModelConfig(name=str(tiny_model_dir), device="cpu"), LoraConfig(r=4, alpha=8))
+    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"), LoraConfig(r=4, alpha=8))
 
 
 def _vocab(loaded) -> int:

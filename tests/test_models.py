@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cua_kit.config import LoraConfig, ModelConfig
-from cua_kit.models.loader import apply_lora, load_policy, load_processor, reference_model
+from cua_kit.models.loader import apply_lora, load_model, load_processor, reference_model
 from cua_kit.models.lora import resolve_targets
 
 
@@ -108,8 +108,8 @@ def test_group_that_matches_nothing_is_reported_and_dropped(tiny_dir, caplog):
 
 def test_adapter_disabled_logprobs_equal_base_exactly(tiny_dir):
     path, _ = tiny_dir
-    policy = load_policy(ModelConfig(name=str(path), device="cpu"), LoraConfig(r=4, alpha=8))
-    base = load_policy(ModelConfig(name=str(path), device="cpu"), LoraConfig(enabled=False)).model
+    policy = load_model(ModelConfig(name=str(path), device="cpu"), LoraConfig(r=4, alpha=8))
+    base = load_model(ModelConfig(name=str(path), device="cpu"), LoraConfig(enabled=False)).model
     with torch.no_grad():  # make the adapter non-trivial so "disabled" means something
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
@@ -129,7 +129,7 @@ def test_saved_adapter_loads_in_plain_peft(tiny_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     path, _ = tiny_dir
-    policy = load_policy(ModelConfig(name=str(path), device="cpu"), LoraConfig(r=4, alpha=8))
+    policy = load_model(ModelConfig(name=str(path), device="cpu"), LoraConfig(r=4, alpha=8))
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
@@ -167,7 +167,7 @@ def test_unsloth_loader_fails_clearly_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the message is for CPU machines")
     with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
-        load_policy(ModelConfig(loader="unsloth"), LoraConfig())
+        load_model(ModelConfig(loader="unsloth"), LoraConfig())
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])

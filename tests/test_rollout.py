@@ -19,9 +19,9 @@ from cua_kit.envs.base import Task
 from cua_kit.envs.pool import EnvPool, LatencyEnv
 from cua_kit.envs.synth import synth_tasks
 from cua_kit.grpo.scoring import score
-from cua_kit.inference.base import SamplingParams
+from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.models.loader import LoadedPolicy, load_policy
+from cua_kit.models.loader import LoadedModel, load_model
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
 from cua_kit.rollout.episode import EpisodeSettings, run_episode
 from cua_kit.trace import TraceWriter, queries
@@ -33,8 +33,8 @@ SYNTH_SCREEN = (180, 320)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedPolicy:
-    policy = load_policy(ModelConfig(name=str(tiny_model_dir), device="cpu"),
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    policy = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"),
                          LoraConfig(r=4, alpha=8))
     torch.manual_seed(0)
     with torch.no_grad():  # a non-trivial adapter: sampling and scoring must both go through it
@@ -60,7 +60,7 @@ def group_task(name: str) -> Task:
     return Task(id="click-button/train/0", env="miniwob", params={"task": "click-button", "seed": 0})
 
 
-async def one_group(loaded: LoadedPolicy, env_name: str, task: Task, chromium_path: str | None,
+async def one_group(loaded: LoadedModel, env_name: str, task: Task, chromium_path: str | None,
                     run_dir: Path, trace: TraceWriter) -> Group:
     """One group of 4 episodes through the real controller (pool, agent, HF policy, trace rows)."""
     policy = HFPolicy(loaded, max_batch=4, batch_wait_ms=20)
@@ -83,7 +83,7 @@ async def one_group(loaded: LoadedPolicy, env_name: str, task: Task, chromium_pa
     return batch[0]
 
 
-def fresh_logprobs(loaded: LoadedPolicy, group: Group) -> list[tuple[list[float], list[float]]]:
+def fresh_logprobs(loaded: LoadedModel, group: Group) -> list[tuple[list[float], list[float]]]:
     """(recorded, rescored) log-probs of every turn, rescored a few rows at a time in fp32."""
     turns = [t for e in group.episodes for t in e.turns]
     pairs = []
@@ -155,7 +155,7 @@ def test_version_bump_mid_episode_is_used_at_the_next_turn(loaded, tmp_path):
             for version in (1, 2):
                 while len(policy.batch_sizes) < version:
                     await asyncio.sleep(0.01)
-                policy.set_version(version)
+                await policy.update_weights(version, None)
 
         bumper = asyncio.create_task(trainer())
         settings = EpisodeSettings(sampling(8), max_turns=3)
@@ -193,3 +193,30 @@ def test_static_kv_cache_pads_to_buckets_and_returns_the_same_greedy_completions
         assert torch.allclose(torch.tensor(d.logprobs), torch.tensor(s.logprobs), atol=1e-4)
     with pytest.raises(ValueError, match="kv_cache"):
         HFPolicy(loaded, kv_cache="paged")
+
+
+def test_pause_waits_for_the_batch_in_flight_and_holds_new_ones_until_resume(loaded):
+    """The in-process backend shares the trainer's weights: after `pause()` returns no generation runs until
+    `resume()`; a request submitted while paused is served after it (this is what keeps updates atomic)."""
+    ids = loaded.tokenizer("Tap OK", add_special_tokens=False)["input_ids"]
+    request = GenerationRequest(ids, [], sampling(16))
+
+    async def main():
+        policy = HFPolicy(loaded, max_batch=1)
+        events: list[str] = []
+        first = asyncio.create_task(policy.generate([request]))
+        while policy._idle is None or (policy._idle.is_set() and not policy.batch_sizes):
+            await asyncio.sleep(0.001)  # until the first batch is in flight (or already done)
+        await policy.pause()
+        events.append(f"paused after {len(policy.batch_sizes)} batch(es)")
+        second = asyncio.create_task(policy.generate([request]))
+        await asyncio.sleep(0.3)
+        events.append(f"while paused: second done={second.done()}, batches={len(policy.batch_sizes)}")
+        await policy.resume()
+        await asyncio.gather(first, second)
+        events.append(f"resumed: batches={len(policy.batch_sizes)}")
+        await policy.close()
+        return events
+
+    assert asyncio.run(main()) == ["paused after 1 batch(es)", "while paused: second done=False, batches=1",
+                                   "resumed: batches=2"]

@@ -18,7 +18,7 @@ from cua_kit.config import GRPOConfig, LoraConfig, ModelConfig, TrainerConfig
 from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches, split_minibatches
 from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.models.loader import load_policy
+from cua_kit.models.loader import load_model
 from cua_kit.rollout.episode import TurnSample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,23 +29,23 @@ def tiny_path(tiny_model_dir):
     return tiny_model_dir
 
 
-def _samples(tiny_path, n=4, seed=0):
+def _samples(tiny_path, n=4, seed=0, sampling=None):
     """Real completions sampled by the policy for one screenshot prompt, with behaviour log-probs."""
     torch.manual_seed(seed)
-    loaded = load_policy(ModelConfig(name=str(tiny_path), device="cpu"), LoraConfig(r=4, alpha=8))
+    loaded = load_model(ModelConfig(name=str(tiny_path), device="cpu"), LoraConfig(r=4, alpha=8))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Tap OK"}]}]
     text = loaded.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     image = Image.new("RGB", (128, 128), "white")
     ids = loaded.processor(text=[text], images=[image], do_resize=False, return_tensors="pt")["input_ids"][0].tolist()
     policy = HFPolicy(loaded)
-    reqs = [GenerationRequest(ids, [image], SamplingParams(1.0, 1.0, 0, 12)) for _ in range(n)]
+    reqs = [GenerationRequest(ids, [image], sampling or SamplingParams(1.0, 1.0, 0, 12)) for _ in range(n)]
     completions = policy.generate_sync(reqs)
     turns = [TurnSample(ids, c.token_ids, c.logprobs, [image], c.version) for c in completions]
     return loaded, turns
 
 
 def _trainer(loaded, lr=5e-2, **grpo):
-    return GRPOTrainer(loaded, GRPOConfig(**grpo), TrainerConfig(learning_rate=lr, grad_clip=0.0), temperature=1.0)
+    return GRPOTrainer(loaded, GRPOConfig(**grpo), TrainerConfig(learning_rate=lr, grad_clip=0.0), sampling=1.0)
 
 
 def test_first_micro_step_has_ratio_one_and_zero_kl(tiny_path):
@@ -55,6 +55,22 @@ def test_first_micro_step_has_ratio_one_and_zero_kl(tiny_path):
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-7)  # fresh LoRA (B = 0): policy == reference
     assert stats["clip_frac"] == 0.0 and trainer.version == 1
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.6), (8, 0.8)])
+def test_truncated_sampling_is_scored_exactly(tiny_path, top_k, top_p):
+    """Generation and scoring share one definition of the distribution (`process_logits`): with top-k/top-p the
+    trainer's log-probs of fresh samples equal the behaviour ones, so the ratio is 1 and the gap ~0."""
+    sampling = SamplingParams(0.9, top_p, top_k, 12)
+    loaded, turns = _samples(tiny_path, n=4, seed=5, sampling=sampling)
+    stats = GRPOTrainer(loaded, GRPOConfig(kl_ctl=0.0), TrainerConfig(learning_rate=1e-4), sampling).update(
+        [Sample(t, a) for t, a in zip(turns, [1.0, -1.0, 0.5, -0.5])])
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["logprob_gap_abs"] < 1e-5 and abs(stats["logprob_gap_k3"]) < 1e-8
+    # the same samples scored as if drawn without truncation: the gap shows (this is what the metric is for)
+    loose = GRPOTrainer(loaded, GRPOConfig(kl_ctl=0.0), TrainerConfig(learning_rate=1e-4), 0.9).update(
+        [Sample(t, a) for t, a in zip(turns, [1.0, -1.0, 0.5, -0.5])])
+    assert loose["logprob_gap_abs"] > 1e-3
 
 
 def _seq_logprob(trainer, turns):
@@ -232,7 +248,7 @@ def test_warm_start_adapter_is_the_kl_reference(tiny_path, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     loaded.model.save_pretrained(tmp_path / "warm")
-    warm = load_policy(ModelConfig(name=str(tiny_path), device="cpu"), LoraConfig(r=4, alpha=8),
+    warm = load_model(ModelConfig(name=str(tiny_path), device="cpu"), LoraConfig(r=4, alpha=8),
                        adapter_path=str(tmp_path / "warm"), reference_adapter=str(tmp_path / "warm"))
     trainer = _trainer(warm, kl_ctl=0.01)
     stats = trainer.update([Sample(t, a) for t, a in zip(turns, [1.0, -1.0])])

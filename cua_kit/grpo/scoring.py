@@ -2,7 +2,7 @@
 
 Rows are prompt ids + completion ids exactly as generated, left-padded by `collate`, so every
 completion ends at the right edge; `logits_to_keep` then builds vocab logits only for the last
-Tc + 1 positions instead of every image token (platform-facts #4).
+Tc + 1 positions instead of every image token.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from cua_kit.grpo.losses import entropy_from_logits, token_logprobs
+from cua_kit.inference.base import SamplingParams
+from cua_kit.inference.distribution import process_logits
 from cua_kit.models.inputs import Row, collate, vision_special_ids
 
 if TYPE_CHECKING:  # xgrammar is imported only where a run constrains its actions
@@ -39,25 +41,30 @@ def completion_targets(completions: Sequence[Sequence[int]], device: torch.devic
 
 
 def score(model: Any, processor: Any, rows: Sequence[tuple[list[int], list[int], list[Any]]],
-          temperature: float, device: torch.device, with_entropy: bool = False,
+          sampling: SamplingParams | float, device: torch.device, with_entropy: bool = False,
           grammar: ActionGrammar | None = None) -> Scored:
     """rows: (prompt_ids, completion_ids, images). Grad flows unless the caller is under no_grad.
 
-    The policy is the model's distribution with the vision special tokens banned, as at sampling
-    (`vision_special_ids`): without the same ban here, ratios at a fresh sample would not be 1. For the
-    same reason a policy sampled under an action grammar is scored under it (`grammar`).
+    The log-probs are those of the sampling distribution (`inference.distribution.process_logits`: vision
+    special tokens banned, the action grammar's mask when the policy was sampled under it (`grammar`),
+    temperature, top-k, top-p), the one definition generation uses too, so ratios at a fresh sample are 1.
+    A bare float is the temperature with no truncation.
     """
+    if not isinstance(sampling, SamplingParams):
+        sampling = SamplingParams(temperature=float(sampling))
+    if sampling.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {sampling.temperature}); pass the sampling temperature")
     batch = collate(processor, [Row(p + c, imgs) for p, c, imgs in rows], device)
     targets, mask = completion_targets([c for _, c, _ in rows], device)
     width = targets.shape[1]
     logits = model(**batch, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
-    logits = logits[:, -width:].clone()
-    logits[..., vision_special_ids(processor.tokenizer)] = float("-inf")
-    if grammar is not None:
-        logits = logits.masked_fill(~grammar.allowed([c for _, c, _ in rows], width, device), float("-inf"))
-    logprobs = token_logprobs(logits, targets, temperature)
+    allowed = grammar.allowed([c for _, c, _ in rows], width, device) if grammar is not None else None
+    processed = process_logits(logits[:, -width:], sampling.temperature, sampling.top_k, sampling.top_p,
+                               allowed=allowed, banned=vision_special_ids(processor.tokenizer))
+    logprobs = token_logprobs(processed, targets)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach().float() / temperature)
-    return Scored(logprobs * mask, mask, entropy)
+            entropy = entropy_from_logits(processed.detach())
+    # padding positions (target id 0) may sit outside a truncated distribution (-inf): zero them, never -inf * 0
+    return Scored(torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)), mask, entropy)

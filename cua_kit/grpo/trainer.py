@@ -22,14 +22,15 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from cua_kit.config import GRPOConfig, TrainerConfig
 from cua_kit.grpo.losses import grpo_loss
 from cua_kit.grpo.scoring import score
-from cua_kit.models.loader import LoadedPolicy, reference_model
+from cua_kit.inference.base import SamplingParams
+from cua_kit.models.loader import LoadedModel, reference_model
 from cua_kit.rollout.episode import TurnSample
 
 
@@ -93,10 +94,12 @@ def pack_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sa
 class GRPOTrainer:
     """Owns the optimizer and scheduler of the LoRA parameters; `update` runs one GRPO step."""
 
-    def __init__(self, policy: LoadedPolicy, grpo: GRPOConfig, trainer: TrainerConfig, temperature: float,
-                 model_lock: Any = None):
-        self.policy, self.grpo, self.cfg, self.temperature = policy, grpo, trainer, temperature
-        self.lock = model_lock or contextlib.nullcontext()
+    def __init__(self, policy: LoadedModel, grpo: GRPOConfig, trainer: TrainerConfig,
+                 sampling: SamplingParams | float):
+        """`sampling`: the rollout's distribution (`inference.distribution`), which the scoring forward replays;
+        a bare float is a temperature with no truncation."""
+        self.policy, self.grpo, self.cfg = policy, grpo, trainer
+        self.sampling = sampling if isinstance(sampling, SamplingParams) else SamplingParams(temperature=sampling)
         params = [p for p in policy.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: enable LoRA (lora.enabled=true)")
@@ -105,6 +108,7 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(trainer.warmup_steps, trainer.lr_schedule, trainer.max_steps))
         self.version = 0
+        self._gap: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (behaviour, trainer) log-probs
 
     def _autocast(self):
         device = self.policy.device
@@ -119,24 +123,26 @@ class GRPOTrainer:
         model = self.policy.model
         ctx = reference_model(model) if reference else contextlib.nullcontext(model)
         with torch.no_grad(), self._autocast(), ctx as m:
-            return score(m, self.policy.processor, self._rows(batch), self.temperature, self.policy.device,
+            return score(m, self.policy.processor, self._rows(batch), self.sampling, self.policy.device,
                          grammar=self.policy.action_grammar).logprobs
 
-    def update(self, samples: list[Sample], on_version: Callable[[int], None] | None = None) -> dict[str, float]:
-        """One optimizer step over `samples`; returns the step's stats. Bumps `version`, and calls
-        `on_version(version)` while still holding the model lock, so no generation can run on the new
-        weights under the old version number."""
+    def update(self, samples: list[Sample]) -> dict[str, float]:
+        """One optimizer step over `samples`; returns the step's stats and bumps `version`. The caller keeps
+        generation off these weights meanwhile (`Policy.pause`) when it shares them."""
         start = time.perf_counter()
         kept = [s for s in samples if s.n_tokens <= self.cfg.max_seq_length and s.turn.completion_ids]
         stats = {"n_samples": float(len(kept)), "n_too_long": float(len(samples) - len(kept))}
-        with self.lock:
-            self.policy.model.train()
-            prox = self._proximal(kept)
-            steps = [self._minibatch_step(chunk, prox) for chunk in split_minibatches(kept, self.grpo.minibatches)]
-            self._schedule_step(any(taken for taken, _ in steps))
-            self.version += 1
-            if on_version is not None:
-                on_version(self.version)
+        self.policy.model.train()
+        prox = self._proximal(kept)
+        steps = []
+        for i, chunk in enumerate(split_minibatches(kept, self.grpo.minibatches)):
+            self._gap = [] if i == 0 else None  # the first mini-batch scores on the weights that generated
+            steps.append(self._minibatch_step(chunk, prox))
+            if self._gap:
+                stats.update(rollout_mismatch(torch.cat([b for b, _ in self._gap]), torch.cat([t for _, t in self._gap])))
+        self._gap = None
+        self._schedule_step(any(taken for taken, _ in steps))
+        self.version += 1
         done = [totals for taken, totals in steps if taken]
         for key in done[0] if done else ():
             stats[key] = sum(d[key] for d in done) / len(done)
@@ -145,12 +151,15 @@ class GRPOTrainer:
         return stats
 
     def _proximal(self, samples: list[Sample]) -> dict[int, torch.Tensor]:
-        """Proximal log-probs of the stale samples (by id), from the weights before this update's first step."""
-        stale = [s for s in samples if s.turn.version != self.version]
-        if not (self.grpo.decoupled and stale):
+        """Proximal log-probs (by sample id), from the weights before this update's first step: of the stale
+        samples (decoupled PPO), and of every sample with `grpo.rollout_correction` (the generation engine's
+        log-probs differ from the trainer's even on the same weights; the decoupled objective's clamped weight
+        exp(prox - behav) is then truncated importance sampling, as verl's and TRL's corrections do)."""
+        todo = [s for s in samples if self.grpo.rollout_correction or s.turn.version != self.version]
+        if not (self.grpo.decoupled and todo):
             return {}
         out: dict[int, torch.Tensor] = {}
-        for batch in pack_micro_batches(stale, self.cfg.micro_batch_tokens):
+        for batch in pack_micro_batches(todo, self.cfg.micro_batch_tokens):
             logp = self._no_grad_logprobs(batch, reference=False)
             for i, s in enumerate(batch):
                 out[id(s)] = logp[i, -len(s.turn.completion_ids):]
@@ -188,7 +197,7 @@ class GRPOTrainer:
                                device) if proximal else None)
         ref = self._no_grad_logprobs(batch, reference=True) if self.grpo.kl_ctl > 0 else None
         with self._autocast():
-            scored = score(self.policy.model, self.policy.processor, self._rows(batch), self.temperature, device,
+            scored = score(self.policy.model, self.policy.processor, self._rows(batch), self.sampling, device,
                            with_entropy=True, grammar=self.policy.action_grammar)
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device)
         loss, stats = grpo_loss(scored.logprobs, behav, adv, scored.mask, ref_logp=ref, prox_logp=prox,
@@ -196,6 +205,9 @@ class GRPOTrainer:
                                 agg=self.grpo.loss_agg, max_is_weight=self.grpo.max_is_weight)
         (loss * share).backward()
         mask = scored.mask.bool()
+        if self._gap is not None:  # fresh samples: the generation engine's log-probs vs ours, same weights
+            fresh = mask & torch.tensor([s.turn.version == self.version for s in batch], device=device)[:, None]
+            self._gap.append((behav[fresh].float().cpu(), scored.logprobs.detach()[fresh].float().cpu()))
         stats["entropy"] = scored.entropy[mask].mean().item() if scored.entropy is not None and mask.any() else 0.0
         return stats
 
@@ -221,6 +233,17 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
+
+
+def rollout_mismatch(behaviour: torch.Tensor, trainer: torch.Tensor) -> dict[str, float]:
+    """How far the generation engine's log-probs are from the trainer's on the same weights and tokens:
+    the mean |behaviour - trainer| and the k3 estimate of KL(rollout || trainer) (tokens drawn from the rollout:
+    r = pi_trainer / pi_rollout, k3 = r - 1 - log r)."""
+    if behaviour.numel() == 0:
+        return {}
+    log_ratio = trainer - behaviour
+    return {"logprob_gap_abs": float(log_ratio.abs().mean()),
+            "logprob_gap_k3": float((torch.exp(log_ratio) - 1 - log_ratio).mean())}
 
 
 def _right_aligned(rows: list[list[float]], device: torch.device) -> torch.Tensor:

@@ -1,15 +1,26 @@
-"""The policy protocol: `async generate(requests) -> completions`, suited to in-process and remote backends.
+"""The policy protocol: what the rollout and the training loop need from a generation backend, and nothing more.
 
-A request carries prompt *token ids* and the images (already resized) that the ids' `<|image_pad|>`
-runs stand for, so a remote server (vLLM) can take it as is. A completion carries its token ids, the
-behaviour log-prob of each token under the sampling distribution (temperature, top-k, top-p folded in),
-its text and the policy version that produced it.
+    generate(requests) -> completions        token ids + images in, token ids + behaviour log-probs out
+    pause() / resume()                       no generation on the weights while the trainer changes them
+    update_weights(version, adapter_dir)     the trainer made `version`: serve it from now on
+    stats() / close()
+
+A request carries prompt *token ids* and the images (already resized) that the ids' `<|image_pad|>` runs
+stand for, so a remote server (vLLM) takes it as is and nothing is re-tokenised from text. A completion
+carries its token ids, the behaviour log-prob of each token under the sampling distribution (the processed
+distribution of `inference.distribution`, not the raw logits), its text, and the policy version that
+produced each token (one sequence can span versions when a turn is interrupted by an update and resumed).
+
+Backends: `hf.HFPolicy` (in-process transformers; shares its weights with the trainer) and
+`vllm.VLLMPolicy` (a vLLM server with the LoRA adapter hot-loaded per version).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import AsyncIterator, Protocol
 
 from PIL import Image
 
@@ -34,14 +45,60 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # behaviour log-probs, one per token id
     text: str
-    version: int  # policy version that produced every token of this completion
+    version: int  # the oldest policy version that produced a token of this completion
     finish_reason: str = "stop"  # stop (EOS) or length
+    token_versions: list[int] | None = None  # per token, when the completion spans versions (None = all `version`)
+
+    def versions(self) -> list[int]:
+        """The version that produced each token."""
+        return self.token_versions if self.token_versions is not None else [self.version] * len(self.token_ids)
+
+
+class PolicyError(RuntimeError):
+    """The generation backend failed (a server died, a request was lost): infrastructure, not the policy's
+    fault. The episode in flight ends without a reward, like an env error, and the run goes on."""
 
 
 class Policy(Protocol):
-    """What the rollout needs from a policy backend."""
+    """What the rollout and the training loop use of a generation backend."""
+
+    shares_weights: bool
+    """True when the backend generates with the trainer's own weights (in-process): `update_weights` then needs
+    no adapter files. False when it holds a copy (a server) that must be sent each new adapter."""
 
     @property
-    def version(self) -> int: ...
+    def version(self) -> int:
+        """The policy version new generations use."""
+        ...
 
     async def generate(self, requests: list[GenerationRequest]) -> list[Completion]: ...
+
+    async def pause(self) -> None:
+        """Return once no generation runs on the current weights and none will start until `resume`
+        (needed when the trainer writes the very weights generation reads; a no-op for a server's copy)."""
+        ...
+
+    async def resume(self) -> None: ...
+
+    async def update_weights(self, version: int, adapter_dir: Path | None) -> None:
+        """Serve `version` from now on; `adapter_dir` is its peft adapter (None when `shares_weights`)."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters since start: gen_calls, gen_requests, gen_busy_s (and backend-specific ones)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def writing_weights(policy: Policy) -> AsyncIterator[None]:
+    """Around a change of the trainer's weights: a backend that generates with those very weights is paused
+    (no generation sees half-written weights); one with its own copy keeps generating."""
+    if policy.shares_weights:
+        await policy.pause()
+    try:
+        yield
+    finally:
+        if policy.shares_weights:
+            await policy.resume()

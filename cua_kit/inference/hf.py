@@ -1,24 +1,24 @@
 """The in-process HF backend: concurrent episodes' turns batched into one left-padded `generate` call.
 
-A queue gathers requests for up to `batch_wait_ms` or until `max_batch`; the batch runs in a worker
-thread so the event loop keeps stepping envs meanwhile. `model_lock` is shared with the trainer in the
-colocated layout: a generation never sees half-updated weights, and each completion records the version
-the weights had while it was produced.
+A queue gathers requests for up to `batch_wait_ms` or until `max_batch`; the batch runs on one worker
+thread so the event loop keeps stepping envs meanwhile. The backend generates with the trainer's own weights
+(`shares_weights`): `pause()` waits for the batch in flight and holds back the next one until `resume()`, so a
+generation never sees half-updated weights, and each completion records the version its weights had.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from cua_kit.inference.base import Completion, GenerationRequest, SamplingParams
+from cua_kit.inference.distribution import DistributionProcessor, hf_sampling_kwargs
 from cua_kit.models.inputs import Row, collate, vision_special_ids
-from cua_kit.models.loader import LoadedPolicy
+from cua_kit.models.loader import LoadedModel
 
 
 @dataclass
@@ -30,7 +30,9 @@ class _Pending:
 class HFPolicy:
     """Policy protocol over a transformers model (optionally a peft LoRA model) in this process."""
 
-    def __init__(self, loaded: LoadedPolicy, max_batch: int = 8, batch_wait_ms: float = 5.0,
+    shares_weights = True
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, batch_wait_ms: float = 5.0,
                  kv_cache: str = "dynamic", generate_kwargs: dict | None = None):
         if kv_cache not in ("dynamic", "static"):
             raise ValueError(f"kv_cache must be 'dynamic' or 'static', got {kv_cache!r}")
@@ -39,7 +41,8 @@ class HFPolicy:
         self.generate_kwargs = generate_kwargs or {}  # extra `generate` arguments (benchmarks)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
-        self.model_lock = threading.RLock()
+        self._open: asyncio.Event | None = None  # cleared by pause(): no batch starts until resume()
+        self._idle: asyncio.Event | None = None  # set while no batch is in flight
         # one generation thread for the policy's life: the CUDA graphs that a compiled static-cache decode step
         # records are thread-local, and asyncio.to_thread could hand each batch to a different thread
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
@@ -49,16 +52,36 @@ class HFPolicy:
         self._suppress = vision_special_ids(loaded.tokenizer)
         tok = loaded.tokenizer
         self._eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
-        self.batch_sizes: list[int] = []  # for tests and benchmarks: how well requests were batched
+        self.batch_sizes: list[int] = []  # how well requests were batched (tests, benchmarks, `stats`)
         self.busy_s = 0.0
 
     @property
     def version(self) -> int:
         return self._version
 
-    def set_version(self, version: int) -> None:
-        """Called by the trainer after an optimizer step (weights are shared in-process)."""
+    async def pause(self) -> None:
+        """Hold back new batches, then wait for the one in flight (the trainer is about to write the weights)."""
+        self._events()[0].clear()
+        await self._events()[1].wait()
+
+    async def resume(self) -> None:
+        self._events()[0].set()
+
+    async def update_weights(self, version: int, adapter_dir=None) -> None:
+        """The trainer changed the shared weights in place: only the version number is news."""
         self._version = version
+
+    def stats(self) -> dict[str, float]:
+        return {"gen_calls": float(len(self.batch_sizes)), "gen_requests": float(sum(self.batch_sizes)),
+                "gen_busy_s": self.busy_s}
+
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        """(open, idle), made on first use in the running loop: both start set."""
+        if self._open is None or self._idle is None:
+            self._open, self._idle = asyncio.Event(), asyncio.Event()
+            self._open.set()
+            self._idle.set()
+        return self._open, self._idle
 
     async def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         self._ensure_worker()
@@ -77,6 +100,8 @@ class HFPolicy:
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            if self._worker is not None and self._worker.get_loop() is not loop:
+                self._open = self._idle = None  # asyncio events belong to one loop
             self._queue = asyncio.Queue()
             self._worker = loop.create_task(self._batch_loop())
 
@@ -99,8 +124,14 @@ class HFPolicy:
                 if getter not in done:
                     break
                 batch.append(getter.result())
+            opened, idle = self._events()
             for group in _by_sampling(batch):
-                await self._run(group)
+                await opened.wait()  # paused while the trainer writes the weights
+                idle.clear()  # no await between the gate and this: pause() sees the batch as in flight
+                try:
+                    await self._run(group)
+                finally:
+                    idle.set()
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
@@ -124,30 +155,31 @@ class HFPolicy:
         if self.static:  # shapes from few buckets: the compiled decode step is reused, not recompiled
             rows += [rows[-1]] * (_bucket(n, self.max_batch) - n)
             cache = {"cache_implementation": "static"}
-        with self.model_lock, torch.no_grad():
+        with torch.no_grad():
             start = time.perf_counter()
             version = self._version
             model.eval()
             inputs = collate(processor, rows, self.loaded.device, pad_to_multiple=STATIC_WIDTH if self.static else 1)
             out = model.generate(
-                **inputs, **_sampling_kwargs(sampling), max_new_tokens=sampling.max_new_tokens,
-                suppress_tokens=self._suppress, eos_token_id=self._eos,
-                pad_token_id=self.loaded.tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True,
-                logits_processor=self._grammar_processors(), **cache, **self.generate_kwargs,
+                **inputs, **hf_sampling_kwargs(sampling), max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=self._eos, pad_token_id=self.loaded.tokenizer.pad_token_id,
+                return_dict_in_generate=True, output_scores=True, logits_processor=[self._processor(sampling)],
+                **cache, **self.generate_kwargs,
             )
             self.batch_sizes.append(n)
             self.busy_s += time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:n, width:]  # kv_cache=static: the bucket's padding rows are dropped here
-        # scores are the *processed* logits (temperature, top-k/top-p, suppression applied): their
+        # scores are the *processed* logits (`DistributionProcessor`: the policy's one definition): their
         # log-softmax is the behaviour distribution the tokens were drawn from.
         logprobs = torch.stack([torch.log_softmax(s[:n].float(), dim=-1) for s in out.scores], dim=1)
         chosen = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return [self._completion(new_tokens[i], chosen[i], version) for i in range(n)]
 
-    def _grammar_processors(self) -> list:
+    def _processor(self, sampling) -> DistributionProcessor:
+        """A fresh processor per call (the grammar's matchers follow one batch)."""
         grammar = self.loaded.action_grammar
-        return [grammar.logits_processor()] if grammar is not None else []
+        return DistributionProcessor(sampling, self._suppress, grammar.logits_processor() if grammar else None)
 
     def _completion(self, tokens: torch.Tensor, logprobs: torch.Tensor, version: int) -> Completion:
         ids = tokens.tolist()
@@ -166,14 +198,6 @@ STATIC_WIDTH = 64  # kv_cache=static: prompt widths are rounded up to a multiple
 def _bucket(n: int, max_batch: int) -> int:
     """kv_cache=static: the batch is padded up to a power of two (at most max_batch, at least n)."""
     return max(n, min(max_batch, 1 << (n - 1).bit_length()))
-
-
-def _sampling_kwargs(sampling: SamplingParams) -> dict:
-    """Explicit sampling knobs (generation_config defaults such as top_k=50 must not leak in);
-    temperature 0 means greedy (evaluation)."""
-    if sampling.temperature == 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
 
 
 def _by_sampling(batch: list[_Pending]) -> list[list[_Pending]]:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LoadedPolicy:
+class LoadedModel:
     """A model ready for rollout and training."""
 
     model: Any  # a PeftModel when LoRA is on
@@ -113,8 +113,8 @@ def _image_only_processor(path: str) -> Any:
 REFERENCE_ADAPTER = "reference"
 
 
-def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None = None,
-                reference_adapter: str | None = None) -> LoadedPolicy:
+def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None = None,
+                reference_adapter: str | None = None) -> LoadedModel:
     """Load model + processor with the configured loader, then add (or load) the LoRA adapter.
 
     `reference_adapter` (a warm-start adapter, e.g. from `cua-kit sft`) is loaded frozen beside the trained
@@ -135,7 +135,7 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    policy = LoadedPolicy(model, load_processor(path), model_arch(model), device, dtype)
+    policy = LoadedModel(model, load_processor(path), model_arch(model), device, dtype)
     if lora_cfg.enabled:
         policy.model, policy.targets = apply_lora(model, lora_cfg, adapter_path)
         if reference_adapter:
@@ -177,7 +177,7 @@ def reference_model(model: Any) -> Iterator[Any]:
         yield model
 
 
-def _load_unsloth(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None) -> LoadedPolicy:
+def _load_unsloth(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None) -> LoadedModel:
     """Unsloth's FastVisionModel ("accelerated mode"). Fails clearly without Unsloth or a GPU."""
     if not torch.cuda.is_available():
         raise RuntimeError("model.loader=unsloth needs an NVIDIA GPU (Unsloth refuses to run on CPU); "
@@ -201,5 +201,5 @@ def _load_unsloth(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: st
         model = FastVisionModel.get_peft_model(model, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
                                                lora_dropout=lora_cfg.dropout, target_modules=targets.regex)
     device = next(model.parameters()).device
-    return LoadedPolicy(model, load_processor(path), model_arch(model), device,
+    return LoadedModel(model, load_processor(path), model_arch(model), device,
                         next(model.parameters()).dtype, targets)

@@ -4,7 +4,8 @@ Each turn: the agent renders the history into a prompt, the policy samples a com
 behaviour log-probs, version), the parser turns it into an action, the env executes it. The training
 sample of a turn is exactly the prompt ids and completion ids used at generation: text is never
 re-tokenized. An episode ends on `finish`, on the env saying done, on `max_turns`, or on an env error.
-Env errors are infrastructure failures: the episode gets no reward and never counts against the policy.
+Env errors and generation-backend errors (`PolicyError`, e.g. a vLLM server that died mid-turn) are
+infrastructure failures: the episode gets no reward and never counts against the policy.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 from cua_kit.actions import Action, InvalidAction
 from cua_kit.agent import Agent, History
 from cua_kit.envs.base import Env, EnvError, Task
-from cua_kit.inference.base import GenerationRequest, Policy, SamplingParams
+from cua_kit.inference.base import GenerationRequest, Policy, PolicyError, SamplingParams
 
 
 @dataclass
@@ -30,7 +31,8 @@ class TurnSample:
     completion_ids: list[int]
     logprobs: list[float]  # behaviour log-probs of completion_ids
     images: list[Image.Image]
-    version: int
+    version: int  # the oldest version that produced a token (staleness is counted from it)
+    token_versions: list[int] | None = None  # per token, when a turn spans versions (None: all `version`)
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Episode:
     task: Task
     sample_idx: int = 0
     turns: list[Turn] = field(default_factory=list)
-    status: str = "running"  # finished | env_done | max_turns | env_error
+    status: str = "running"  # finished | env_done | max_turns | env_error | policy_error
     reward: float | None = None  # None for env errors: never scored for the policy
     error: str | None = None
     started_at: float = field(default_factory=time.time)
@@ -103,6 +105,8 @@ async def run_episode(env: Env, task: Task, agent: Agent, policy: Policy, settin
         episode.reward = await env.evaluate() - settings.format_penalty * episode.n_invalid
     except EnvError as exc:
         episode.status, episode.reward, episode.error = "env_error", None, str(exc)[:500]
+    except PolicyError as exc:
+        episode.status, episode.reward, episode.error = "policy_error", None, str(exc)[:500]
     episode.finished_at = time.time()
     return episode
 
@@ -116,7 +120,8 @@ async def _play_turn(agent: Agent, policy: Policy, settings: EpisodeSettings, hi
     path = f"screens/{episode_id}/{idx:02d}.png"
     if run_dir is not None:
         await asyncio.to_thread(_save_png, screenshot, run_dir / path)
-    sample = TurnSample(prompt.ids, completion.token_ids, completion.logprobs, prompt.images, completion.version)
+    sample = TurnSample(prompt.ids, completion.token_ids, completion.logprobs, prompt.images, completion.version,
+                        completion.token_versions)
     line = agent.action_line(action, screenshot.size, prompt)
     return Turn(idx, sample, completion.text, action, path, time.perf_counter() - start, completion.finish_reason, line)
 
