@@ -181,6 +181,12 @@ def test_eval_on_miniwob_reports_each_task_and_the_mean_over_tasks(chromium_path
     assert code == 0 and set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"episodes",
                                                                                                "success_rate"}
 
+    refused = tmp_path / "refused.jsonl"  # a refused task stops the eval before any episode, with the reason
+    refused.write_text(user_file.read_text() + json.dumps(task("simon-says").to_dict()) + "\n")
+    code = main(["eval", *common, "env.name=miniwob", f"env.task_file={refused}", "env.task_filter=[]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("config error: ") and REFUSED["simon-says"] in err[-1]
+
 
 async def _click(env: MiniWobEnv, selector: str, index: int = 0) -> None:
     """Click the centre of the `index`-th match of `selector`, in screenshot pixels (2x CSS px)."""

@@ -84,6 +84,10 @@ class Env(abc.ABC):
     # and the mean over tasks (MiniWoB++'s page name: its papers compare per-task tables); None = no table.
     task_key: ClassVar[str | None] = None
 
+    @classmethod
+    def validate_task(cls, task: Task) -> None:  # noqa: B027 - most backends take any params
+        """Raise ValueError, saying why, when this backend cannot run `task` (runs check every task first)."""
+
     @abc.abstractmethod
     async def reset(self, task: Task) -> Observation: ...
 

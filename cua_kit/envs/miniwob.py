@@ -416,12 +416,18 @@ class MiniWobEnv(Env):
         return await self._call(self._page.evaluate(script, arg), what)
 
     # ---- Env protocol -----------------------------------------------------------------------------
-    async def reset(self, task: Task) -> Observation:
-        name = task.params.get("task")
+    @classmethod
+    def validate_task(cls, task: Task) -> None:
+        """A task the wheel lacks or the kit refuses: ValueError with the closest names or the reason."""
         try:
-            page_file = check_task(name)
+            check_task(task.params.get("task"))
         except ValueError as exc:
             raise ValueError(f"task {task.id!r}: {exc}") from None
+
+    async def reset(self, task: Task) -> Observation:
+        self.validate_task(task)
+        name = task.params["task"]
+        page_file = miniwob_html_dir() / f"{name}.html"
         await self._open_page()
         self.task, self.done, self.history = task, False, []
         # Reload only for another task or every RELOAD_EVERY episodes: a reload costs ~100 ms, twice
