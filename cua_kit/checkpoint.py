@@ -82,7 +82,8 @@ def export_adapter(model: Any, adapters_dir: Path, version: int,
     save_adapter(model, tmp, state_dict)
     os.rename(tmp, final)
     versions = sorted((int(d.name[1:]), d) for d in adapters_dir.glob("v*") if d.name[1:].isdigit())
-    for _, old in versions[:-ADAPTERS_KEPT]:
+    newer = [d for v, d in versions if v > version]  # an earlier run's, past where this one (re)started
+    for old in newer + [d for v, d in versions if v <= version][:-ADAPTERS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

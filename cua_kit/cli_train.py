@@ -20,7 +20,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
     summary = train(_load(args, extra))
     if summary.get("rank", 0) == 0:  # the other ranks of an FSDP run have nothing to add
-        print(f"Run {summary['status']} at step {summary.get('step', 0)}: {summary['run_dir']}")
+        at = f" at step {summary['step']}" if "step" in summary else ""
+        print(f"Run {summary['status']}{at}: {summary['run_dir']}")
     return 0 if summary["status"] in ("finished", "stopped") else 1
 
 

@@ -247,7 +247,7 @@ class LaunchConfig:
     """GPUs for the run (0 = CPU); N > 1 launches through torchrun."""
     collective_timeout_s: float = 600.0
     """Seconds a collective of a multi-process run may wait for the other ranks: past it, a dead or stuck rank
-    stops every rank with an error (rank 0 pings the others every quarter of it while it waits for rollouts)."""
+    stops every rank with an error (rank 0 pings the others every 10 s while it waits for rollouts)."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ with uncounted copies of a real sample. Gradients are summed across ranks (each 
 by its share of the global batch), so N ranks take the same step as one process.
 
 Failures: every collective has `launch.collective_timeout_s`. While rank 0 waits for rollouts it pings the other
-ranks every quarter of that, and each ping brings back every rank's stop request (a SIGTERM on any rank stops
+ranks every 10 s (`PING_S`), and each ping brings back every rank's stop request (a SIGTERM on any rank stops
 all of them with a checkpoint). A rank that dies fails the next ping or collective: the others stop with an
 error naming the timeout, and `recover.mode: auto` resumes the run from its last checkpoint.
 """
@@ -148,10 +148,14 @@ def plan(samples: list[Sample], budget: int, world: int,
 
 
 # ----------------------------------------------------------------------------- the commands
+PING_S = 10.0  # rank 0 pings the other ranks this often while idle (or every quarter of the timeout, if shorter)
+
+
 class Channel:
     """Rank 0's commands to the other ranks, on the gloo group. Each exchange also brings back every rank's stop
-    request. While no command is due, a keep-alive thread on rank 0 sends "ping" every quarter of the timeout,
-    so a rank waiting for the next command never passes the timeout unless rank 0 is gone."""
+    request. While no command is due, a keep-alive thread on rank 0 sends "ping" every PING_S seconds, so a rank
+    waiting for the next command never passes the timeout unless rank 0 is gone, and a SIGTERM on another rank
+    reaches rank 0 within PING_S."""
 
     def __init__(self, ranks: Ranks):
         self.ranks = ranks
@@ -220,18 +224,20 @@ class Channel:
         return [r for r, f in enumerate(flags) if f.item()]
 
     def _fail(self, exc: BaseException) -> RankLost:
+        """The first failed exchange: say so once (on stderr), and on rank 0 stop the run."""
         if self.lost is None:
-            side = "a trainer rank" if self.ranks.rank == 0 else "rank 0 (the orchestrator)"
-            self.lost = RankLost(f"rank {self.ranks.rank}: {side} stopped answering within launch.collective_timeout_s="
-                                 f"{self.ranks.timeout_s:g} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                                 "every rank stops. Start the run again: recover.mode=auto resumes it from its last "
-                                 "checkpoint")
+            side = "another trainer rank" if self.ranks.rank == 0 else "rank 0 (the orchestrator)"
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.lost = RankLost(f"rank {self.ranks.rank} lost {side}: {cause[:300]} (collectives wait at most "
+                                 f"launch.collective_timeout_s={self.ranks.timeout_s:g} s). Every rank stops; start the "
+                                 "run again and recover.mode=auto resumes it from its last checkpoint")
+            print(f"error: {self.lost}", file=sys.stderr, flush=True)
             if self.ranks.rank == 0:
                 self.on_lost(self.lost)
         return self.lost
 
     def _keep_alive(self) -> None:
-        interval = self.ranks.timeout_s / 4
+        interval = min(PING_S, self.ranks.timeout_s / 4)
         while not self._closed.wait(min(1.0, interval)):
             if self.lost is not None or time.monotonic() - self._last < interval:
                 continue
@@ -341,8 +347,7 @@ def train(cfg: Config) -> dict[str, Any]:
         _, trainer = trainer_parts(cfg, resume[0], ranks, channel)
         status = follow(trainer, channel)
         return {"status": status, "rank": ranks.rank, "run_dir": str(cfg.run_dir)}
-    except RankLost as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except RankLost as exc:  # already said on stderr (`Channel._fail`)
         return {"status": "failed", "rank": ranks.rank, "run_dir": str(cfg.run_dir), "error": str(exc)}
     finally:
         channel.close("stop" if status in ("finished", "stopped") else "abort")
@@ -360,7 +365,6 @@ async def _orchestrate(run: Any, channel: Channel) -> dict[str, Any]:
         loop.call_soon_threadsafe(run.stop_requested.set)
 
     def lost(exc: RankLost) -> None:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
         loop.call_soon_threadsafe(run.stop_requested.set)
 
     channel.on_stop, channel.on_lost = stop, lost

@@ -98,9 +98,9 @@ class TrainingRun:
     async def main(self) -> dict[str, Any]:
         cfg = self.cfg
         pool = make_pool(cfg)
-        await self._sync_weights()  # a resumed run (or a server backend) serves the trainer's version from turn one
         controller = self._controller(pool)
         self._restore(controller)
+        await self._sync_weights()  # a resumed run (or a server backend) serves the trainer's version from turn one
         # rows written after the checkpoint by a killed run are dropped: the resumed run writes them again
         self.trace.delete_steps_after(self.state.step)
         reconcile_evals(self.run_dir, self.state.step, resumed=self.resume_from is not None)  # the same for eval/

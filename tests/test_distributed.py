@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import socket
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,9 +99,9 @@ def _configs(budget: int) -> tuple[GRPOConfig, TrainerConfig]:
             TrainerConfig(learning_rate=1e-3, micro_batch_tokens=budget, max_seq_length=4096, seed=3))
 
 
-def _train(trainer: GRPOTrainer, samples: list[Sample]) -> list[dict[str, float]]:
+def _train(trainer: GRPOTrainer, samples: list[Sample], updates: int = UPDATES) -> list[dict[str, float]]:
     out = []
-    for _ in range(UPDATES):
+    for _ in range(updates):
         for i, s in enumerate(samples):  # half the samples one version stale: proximal log-probs recomputed
             s.turn.version = trainer.version - i % 2
         out.append(trainer.update(samples))
@@ -112,9 +117,11 @@ def _model(model_dir: Path, warm: Path | None):
                       reference_adapter=warm_path)
 
 
-def _rank_main(rank: int, world: int, port: int, work: str) -> None:
-    """One trainer rank: rank 0 drives the updates and the export, the other follows its commands."""
+def _rank_main(rank: int, world: int, port: int, work: str, mode: str) -> None:
+    """One trainer rank: rank 0 drives (updates, checkpoint, export), the others follow its commands.
+    mode: "train" (UPDATES updates), "save" (2 updates, checkpoint, 1 more), "resume" (that checkpoint, 1 more)."""
     from cua_kit import distributed
+    from cua_kit.checkpoint import load_checkpoint, save_checkpoint
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -126,9 +133,14 @@ def _rank_main(rank: int, world: int, port: int, work: str) -> None:
     trainer = distributed.ShardedTrainer(_model(spec["model_dir"], spec["warm"]), grpo, trainer_cfg, 1.0, ranks,
                                          channel)
     if rank == 0:
-        stats = _train(trainer, spec["samples"])
-        trainer.export(Path(work, "adapters"))
-        Path(work, "stats.json").write_text(json.dumps(stats))
+        if mode == "resume":
+            load_checkpoint(Path(work, "checkpoints", "checkpoint-2"), trainer)
+        stats = _train(trainer, spec["samples"], 2 if mode == "save" else 1 if mode == "resume" else UPDATES)
+        if mode == "save":
+            save_checkpoint(Path(work, "checkpoints"), 2, trainer, {"version": trainer.version})
+            stats += _train(trainer, spec["samples"], 1)
+        trainer.export(Path(work, f"adapters-{mode}"))
+        Path(work, f"stats-{mode}.json").write_text(json.dumps(stats))
         channel.close("stop")
     else:
         assert distributed.follow(trainer, channel) == "finished"
@@ -137,6 +149,20 @@ def _rank_main(rank: int, world: int, port: int, work: str) -> None:
 
 def _lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.replace(".default", ""): v for k, v in state.items() if "lora_" in k}
+
+
+def _exported(adapters_dir: Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of the newest adapter `ShardedTrainer.export` wrote (a plain peft folder)."""
+    from safetensors.torch import load_file
+
+    newest = max(adapters_dir.glob("v*"), key=lambda d: int(d.name[1:]))
+    return _lora(load_file(newest / "adapter_model.safetensors"))
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
 
 
 @pytest.mark.parametrize("warm_start, one_per_micro_batch", [(True, False), (False, True)])
@@ -149,7 +175,6 @@ def test_two_ranks_take_the_same_steps_as_one_process(tiny_model_dir, tmp_path, 
     last bits in which differently padded micro-batches differ (6e-4 apart when packed several to a micro-batch,
     1.5e-6 one to a micro-batch; the warm start, packed several to a micro-batch, is 1e-7 apart)."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
 
     samples = _samples(tiny_model_dir)
     longest = max(s.n_tokens for s in samples)
@@ -163,16 +188,154 @@ def test_two_ranks_take_the_same_steps_as_one_process(tiny_model_dir, tmp_path, 
     solo_stats = _train(GRPOTrainer(solo, grpo, trainer_cfg, 1.0), pickle.loads(pickle.dumps(samples)))
     solo_lora = _lora(get_peft_model_state_dict(solo.model, adapter_name="default"))
 
-    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks_stats = json.loads((tmp_path / "stats.json").read_text())
-    ranks_lora = _lora(load_file(tmp_path / "adapters" / f"v{UPDATES}" / "adapter_model.safetensors"))
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), "train"), nprocs=2, join=True)
+    ranks_stats = json.loads((tmp_path / "stats-train.json").read_text())
+    ranks_lora = _exported(tmp_path / "adapters-train")
 
     for one, two in zip(solo_stats, ranks_stats):
         for key in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "optimizer_steps"):
             assert two[key] == pytest.approx(one[key], abs=1e-5), key
     assert solo_stats[-1]["kl"] > 1e-6 and solo_stats[-1]["optimizer_steps"] == 2  # the paths ran for real
-    assert ranks_lora.keys() == solo_lora.keys() and len(solo_lora) > 0
     start = _lora(get_peft_model_state_dict(_model(tiny_model_dir, warm).model, adapter_name="default"))
     assert all((solo_lora[k] - start[k]).abs().max() > 1e-4 for k in solo_lora if "lora_B" in k)  # every B moved
-    for k, v in solo_lora.items():
-        assert torch.allclose(ranks_lora[k], v, atol=1e-5, rtol=0), k
+    _close(ranks_lora, solo_lora, atol=1e-5)
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_and_on_one_process(tiny_model_dir, tmp_path):
+    """2 ranks: 2 updates, checkpoint, 1 more. Resuming that checkpoint and taking the same update gives the same
+    weights on 2 ranks and on one process (the optimizer state counts: AdamW's moments and step shape it)."""
+    from peft import get_peft_model_state_dict
+
+    from cua_kit.checkpoint import load_checkpoint
+
+    samples = _samples(tiny_model_dir)
+    warm = _warm_start(tiny_model_dir, tmp_path / "warm")
+    spec = {"model_dir": tiny_model_dir, "warm": warm, "samples": samples, "budget": 4 * max(s.n_tokens for s in samples)}
+    (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), "save"), nprocs=2, join=True)
+    ckpt = tmp_path / "checkpoints" / "checkpoint-2"
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter", "weights", "optimizer", "trainer.pt", "rng.pt",
+                                                "rng-rank1.pt", "state.json"}
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), "resume"), nprocs=2, join=True)
+    straight = _exported(tmp_path / "adapters-save")
+    _close(_exported(tmp_path / "adapters-resume"), straight, atol=1e-6)
+    assert json.loads((tmp_path / "stats-resume.json").read_text())[0]["loss"] == pytest.approx(
+        json.loads((tmp_path / "stats-save.json").read_text())[-1]["loss"], abs=1e-6)
+
+    solo = _model(tiny_model_dir, warm)
+    grpo, trainer_cfg = _configs(spec["budget"])
+    trainer = GRPOTrainer(solo, grpo, trainer_cfg, 1.0)
+    load_checkpoint(ckpt, trainer)
+    assert trainer.version == 2 and trainer.optimizer.state
+    _train(trainer, pickle.loads(pickle.dumps(samples)), 1)
+    _close(_lora(get_peft_model_state_dict(solo.model, adapter_name="default")), straight, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- `cua-kit train` on 2 ranks
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 20  # launch.collective_timeout_s of these runs
+
+
+def _train_args(out: Path, *extra: str) -> list[str]:
+    return [str(ROOT / "configs/quickstart.yaml"), f"output_dir={out}", "model.adapter_path=", "trainer.eval_episodes=0",
+            "rollout.max_staleness=0", "rollout.n_samples=2", "trainer.batch_size=1", "rollout.max_turns=2",
+            "rollout.max_new_tokens=12", "rollout.max_concurrent_rollouts=2", "saver.keep_last=10",
+            f"launch.collective_timeout_s={TIMEOUT_S}", *extra]
+
+
+def _start_ranks(out: Path, *extra: str, world: int = 2) -> list[subprocess.Popen]:
+    """`cua-kit train` as `world` ranks, with the environment torchrun gives its workers (static rendezvous)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "cua_kit.cli", "train", *_train_args(out, *extra)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout_s: float = 300) -> list[tuple[int, str]]:
+    """(exit code, output) of every rank; none is left running, whatever happens."""
+    try:
+        outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+        return [(p.returncode, text) for p, text in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _db(out: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(f"file:{out / 'quickstart/trial0/trace.db'}?mode=ro", uri=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def _wait(predicate, timeout_s: float, what: str, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    outputs = _finish(procs, 30) if any(p.poll() is not None for p in procs) else []
+    raise AssertionError(f"timed out (or a rank exited) waiting for {what}: {outputs}")
+
+
+def _steps(out: Path) -> int:
+    try:
+        return _db(out, "select count(*) from steps")[0][0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_other_rank_checkpoints_and_stops_every_rank(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from cua_kit.models.loader import resolve_model_path
+
+    out = tmp_path / "run"
+    procs = _start_ranks(out, "trainer.max_steps=1000", "saver.freq_steps=0")
+    _wait(lambda: _steps(out) >= 2, 300, "two steps", procs)
+    procs[1].send_signal(signal.SIGTERM)  # not the orchestrator: it must hear of it and stop everyone
+    (code0, log0), (code1, log1) = _finish(procs, 120)
+    assert code0 == 0 and code1 == 0, log0 + log1
+    assert "Rank 1 asked to stop" in log0 and "Rank 1 received SIGTERM" in log1
+    assert _db(out, "select status from runs")[0][0] == "stopped"
+    [ckpt] = (out / "quickstart/trial0/checkpoints").glob("checkpoint-*")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == _db(out, "select max(step) from steps")[0][0]
+    assert (ckpt / "rng-rank1.pt").exists() and (ckpt / "weights/.metadata").exists()
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path(ModelConfig()))
+    PeftModel.from_pretrained(base, ckpt / "adapter")  # plain peft + transformers load what 2 ranks saved
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_other_with_a_clear_error_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    checkpoints = out / "quickstart/trial0/checkpoints"
+    for victim in (1, 0):  # a trainer rank, then the orchestrator
+        procs = _start_ranks(out, "trainer.max_steps=1000", "saver.freq_steps=2")
+        start = max([int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")], default=0)
+        _wait(lambda: (checkpoints / f"checkpoint-{start + 2}").exists(), 300, "a new checkpoint", procs)
+        procs[victim].kill()
+        killed = time.monotonic()
+        survivor = procs[1 - victim]
+        code, log = _finish([survivor], TIMEOUT_S + 30)[0]
+        assert time.monotonic() - killed < TIMEOUT_S + 10  # it stopped on its own, well within the timeout
+        assert code != 0 and (f"rank {1 - victim} lost " in log), log[-2000:]
+        assert "recover.mode=auto resumes it" in log
+        _finish([procs[victim]])
+        if victim == 1:
+            assert _db(out, "select status from runs")[0][0] == "failed"
+    last = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    (code0, log0), (code1, _) = _finish(_start_ranks(out, f"trainer.max_steps={last + 2}"))
+    assert code0 == 0 and code1 == 0, log0
+    assert f"Resumed from {checkpoints / f'checkpoint-{last}'} at step {last}" in log0
+    steps = [r[0] for r in _db(out, "select step from steps order by step")]
+    assert steps == list(range(1, last + 3))  # every step exactly once across the three runs
+    # the resumed ranks serve the checkpoint's version from the first turn: nothing is counted stale
+    assert all(s == 0 for (s,) in _db(out, "select staleness_mean from steps"))

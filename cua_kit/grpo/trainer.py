@@ -254,14 +254,14 @@ class GRPOTrainer:
         """Into a checkpoint folder: `adapter/` (plain peft), `weights/` (the trained tensors and the optimizer,
         through torch.distributed.checkpoint: they load on any number of ranks) and `trainer.pt`."""
         save_adapter(self.policy.model, folder / "adapter")
-        save_weights(folder / WEIGHTS, self.policy.model, self.optimizer)
+        save_weights(folder, self.policy.model, self.optimizer)
         torch.save(self.state_dict(), folder / "trainer.pt")
 
     def load(self, folder: Path) -> None:
         """Back to the state `save` wrote (a checkpoint from before `weights/` holds the optimizer in trainer.pt)."""
         state = torch.load(folder / "trainer.pt", weights_only=False)
         if (folder / WEIGHTS).exists():
-            load_weights(folder / WEIGHTS, self.policy.model, self.optimizer)
+            load_weights(folder, self.policy.model, self.optimizer)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.load_state_dict(state)
