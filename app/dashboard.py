@@ -21,6 +21,7 @@ import gradio as gr
 
 from app import data
 from cua_kit import launch
+from cua_kit.allocation import visible_gpus
 from cua_kit.config import ConfigError
 
 TOKEN_ENV = "CUA_KIT_DASHBOARD_TOKEN"
@@ -164,11 +165,18 @@ class Dashboard:
                 *self.open_episode(name, episode_id))
 
     # ---- launch
-    def start(self, config: str | None, overrides: str, n_gpus: float | None) -> tuple[str, Any, Any]:
+    def start(self, config: str | None, overrides: str, allocation: str | None = "",
+              device: str | None = "cpu") -> tuple[str, Any, Any]:
+        """Launch `config` + overrides in the layout `allocation` (launch.allocation) on `device` (model.device,
+        unless the overrides set it)."""
         if not config:
             return "✗ pick a config first", gr.skip(), gr.skip()
+        tokens = shlex.split(overrides or "")
+        layout = [f"launch.allocation={allocation.strip()}"] if (allocation or "").strip() else []
+        place = [f"model.device={device}"] if device and not any(t.lstrip("-").startswith("model.device=")
+                                                                  for t in tokens) else []
         try:
-            run = launch.launch_run(config, shlex.split(overrides or ""), int(n_gpus or 0), self.runs_dir)
+            run = launch.launch_run(config, [*place, *layout, *tokens], self.runs_dir)
         except ConfigError as exc:
             return f"✗ **config error:** {exc}", gr.skip(), gr.skip()
         except (launch.LaunchError, ValueError) as exc:
@@ -270,8 +278,11 @@ def _launch_tab(dash: Dashboard, names: list[str]) -> dict[str, Any]:
         with gr.Row():
             ui["config"] = gr.Dropdown(configs, value=configs[0] if configs else None, label="config",
                                        elem_id="launch-config", allow_custom_value=False, scale=3)
-            ui["gpus"] = gr.Number(0, precision=0, minimum=0, label="GPUs (0 = CPU; >1 = torchrun)",
-                                   elem_id="launch-gpus", scale=1)
+            ui["device"] = gr.Dropdown(["cpu", "auto", "cuda"], value="auto" if visible_gpus() else "cpu",
+                                       label="device (model.device)", elem_id="launch-device", scale=1)
+            ui["allocation"] = gr.Textbox(label="layout (launch.allocation)", elem_id="launch-allocation", scale=2,
+                                          placeholder="empty = one process · fsdp:d2 = 2 trainer ranks · "
+                                                      "vllm:d1t2+fsdp:d4")
         ui["overrides"] = gr.Textbox(label="overrides (section.key=value, space separated)", elem_id="launch-overrides",
                                      placeholder="trainer.max_steps=20 rollout.n_samples=4 trial_name=lr3e-5")
         ui["start"] = gr.Button("▶ start run", variant="primary", elem_id="launch-start")
@@ -304,7 +315,8 @@ def _wire(dash: Dashboard, demo: gr.Blocks, run_pick, refresh, tabs, runs_df, cu
     refresh_names = lambda: [gr.update(choices=dash.run_names())] * 3
     refresh.click(dash.runs_tab, None, runs_df).then(refresh_names, None, [run_pick, curve_pick, launch_ui["run"]])
     refresh.click(dash.curves, curve_pick, plot)
-    launch_ui["start"].click(dash.start, [launch_ui["config"], launch_ui["overrides"], launch_ui["gpus"]],
+    launch_ui["start"].click(dash.start, [launch_ui["config"], launch_ui["overrides"], launch_ui["allocation"],
+                                          launch_ui["device"]],
                              [launch_ui["message"], launch_ui["run"], run_pick]).then(
         dash.runs_tab, None, runs_df).then(dash.launch_status, launch_ui["run"], [launch_ui["status"], launch_ui["log"]])
     launch_ui["stop"].click(dash.stop, launch_ui["run"], launch_ui["message"]).then(

@@ -44,9 +44,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.max_steps=5")
 
 
-def _load(args: argparse.Namespace, extra: list[str]):
-    from cua_kit.config import load_config
-
+def _config_and_overrides(args: argparse.Namespace, extra: list[str]) -> tuple[str | None, list[str]]:
+    """The config file (None: the defaults) and the override tokens, as the command line gave them."""
     config = args.config
     overrides = list(args.overrides) + extra
     if config and "=" in config:  # `cua-kit config show trainer.max_steps=3` with no file
@@ -56,7 +55,13 @@ def _load(args: argparse.Namespace, extra: list[str]):
         i = overrides.index("--config")
         config = overrides[i + 1]
         del overrides[i : i + 2]
-    return load_config(config, overrides)
+    return config, overrides
+
+
+def _load(args: argparse.Namespace, extra: list[str]):
+    from cua_kit.config import load_config
+
+    return load_config(*_config_and_overrides(args, extra))
 
 
 # ----------------------------------------------------------------------------- make-tiny-model

@@ -5,20 +5,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from cua_kit.cli import _config_args, _load, command, print_json_line
+from cua_kit.cli import _config_and_overrides, _config_args, _load, command, print_json_line
+from cua_kit.config import load_config
 
 TRAIN_EPILOG = """examples:
   cua-kit train configs/quickstart.yaml
   cua-kit train configs/quickstart.yaml trainer.max_steps=20 --verbose
   cua-kit train configs/single_gpu.yaml --model-name Qwen/Qwen3-VL-8B-Instruct --lora-r 16 --wandb
-  cua-kit train configs/quickstart.yaml --recover.mode=resume --recover.ckpt_path=outputs/quickstart/trial0/checkpoints/checkpoint-10"""
+  cua-kit train configs/quickstart.yaml --recover.mode=resume --recover.ckpt_path=outputs/quickstart/trial0/checkpoints/checkpoint-10
+  cua-kit train configs/multi_gpu.yaml launch.allocation=fsdp:d4                  # 4 trainer GPUs (torchrun)
+  cua-kit train configs/quickstart.yaml launch.allocation=fsdp:d2 model.device=cpu  # 2 CPU ranks (gloo)
+  cua-kit train configs/multi_gpu.yaml launch.nnodes=2 launch.node_rank=0 launch.rdzv_endpoint=node0:29500"""
 
 
 @command("train", "GRPO training: async rollouts, updates, checkpoints, logs", TRAIN_EPILOG)(_config_args)
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from cua_kit import launch
     from cua_kit.train import train
 
-    summary = train(_load(args, extra))
+    config, overrides = _config_and_overrides(args, extra)
+    cfg = load_config(config, overrides)
+    if launch.needs_launcher(cfg):  # a layout: place its processes (torchrun, GPUs, vLLM) and wait for them
+        try:
+            return launch.run_foreground(*launch.run_command(config, overrides, cfg))
+        except launch.LaunchError as exc:
+            raise SystemExit(f"train: {exc}") from None
+    summary = train(cfg)
     if summary.get("rank", 0) == 0:  # the other ranks of an FSDP run have nothing to add
         at = f" at step {summary['step']}" if "step" in summary else ""
         print(f"Run {summary['status']}{at}: {summary['run_dir']}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,8 +244,15 @@ class LoggingConfig:
 
 @dataclass
 class LaunchConfig:
-    n_gpus: int = 1
-    """GPUs for the run (0 = CPU); N > 1 launches through torchrun."""
+    allocation: str = ""
+    """GPU layout (docs/training.md, "Multi-GPU and multi-node"): "" = one process on one GPU (or the CPU);
+    "fsdp:dZ" = Z trainer ranks per node under torchrun; "vllm:d1tY+fsdp:dZ" = a vLLM server on Y GPUs of its own."""
+    nnodes: int = 1
+    """Nodes of the run (torchrun --nnodes); each node runs `cua-kit train` with its own launch.node_rank."""
+    node_rank: int = 0
+    """This node's rank (torchrun --node-rank); node 0 runs the orchestrator (rank 0) and the vLLM server."""
+    rdzv_endpoint: str = ""
+    """host:port on node 0 where the nodes meet (torchrun --rdzv-endpoint); needed when nnodes > 1."""
     collective_timeout_s: float = 600.0
     """Seconds a collective of a multi-process run may wait for the other ranks: past it, a dead or stuck rank
     stops every rank with an error (rank 0 pings the others every 10 s while it waits for rollouts)."""
@@ -319,7 +327,16 @@ def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that were replaced: the message says what to write instead.
+RENAMED: dict[str, str] = {
+    "launch.n_gpus": "launch.n_gpus was replaced by launch.allocation: \"\" = one GPU (model.device=cpu for the CPU), "
+                     "\"fsdp:dN\" = N trainer GPUs, \"vllm:d1tY+fsdp:dN\" = a vLLM server on Y more",
+}
+
+
 def _unknown_key(key: str) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(RENAMED[key])
     close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}.{hint} See `cua-kit config show` for all keys.")
@@ -494,8 +511,18 @@ def validate(cfg: Config) -> None:
         (cfg.grpo.eps_clip > 0, "grpo.eps_clip must be > 0"),
         (cfg.grpo.kl_ctl >= 0, "grpo.kl_ctl must be >= 0"),
         (cfg.launch.collective_timeout_s > 0, "launch.collective_timeout_s must be > 0"),
+        (cfg.launch.nnodes >= 1, "launch.nnodes must be >= 1"),
+        (0 <= cfg.launch.node_rank < cfg.launch.nnodes, "launch.node_rank must be in [0, launch.nnodes)"),
+        (cfg.launch.nnodes == 1 or re.fullmatch(r"[^:\s]+:\d+", cfg.launch.rdzv_endpoint) is not None,
+         "launch.rdzv_endpoint must be host:port of node 0 when launch.nnodes > 1 (e.g. node0.cluster:29500)"),
     ]
+    from cua_kit.allocation import AllocationError, parse
     from cua_kit.models.lora import LORA_GROUPS  # local: config stays importable without torch
+
+    try:
+        parse(cfg.launch.allocation)
+    except AllocationError as exc:
+        raise ConfigError(str(exc)) from None
 
     for group in cfg.lora.groups:
         if group not in LORA_GROUPS:

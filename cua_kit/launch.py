@@ -1,23 +1,31 @@
-"""Start, list and stop training runs as background processes (the dashboard's Launch tab and `cua-kit runs`).
+"""Start, list and stop training runs: in the foreground (`cua-kit train`) or as background processes (the
+dashboard's Launch tab and `cua-kit runs`).
 
-A run is started from a config under an allowed folder (`configs/`, or an earlier run's saved config.yaml)
-plus dotted overrides and a GPU count. The config and overrides are validated with `load_config` *before*
-anything is spawned, so a typo is refused with the config system's message. The command is an argv list
-(never a shell):
+A run is started from a config plus dotted overrides; the layout is `launch.allocation` (`cua_kit.allocation`).
+The config and overrides are validated with `load_config`, and the layout is fitted to this node's visible GPUs,
+*before* anything is spawned, so a typo or a layout that does not fit is refused with a message. The command is
+an argv list (never a shell):
 
-    CPU or 1 GPU: python -m cua_kit.cli train CONFIG [overrides...]
+    one process:            python -m cua_kit.cli train CONFIG [overrides...]
+    fsdp:dZ (Z > 1):        python -m torch.distributed.run --standalone --nproc-per-node Z -m cua_kit.cli train ...
+    launch.nnodes = N > 1:  ... torch.distributed.run --nnodes N --node-rank R --rdzv-backend static
+                            --rdzv-endpoint HOST:PORT --nproc-per-node Z -m cua_kit.cli train ...
 
-N > 1 GPUs is refused: the trainer has no distributed code yet (issue 14), and torchrun would start N identical
-runs writing into one run folder.
+with CUDA_VISIBLE_DEVICES set to the trainer ranks' GPUs; a vLLM part becomes `rollout.backend=vllm` with
+`vllm.gpus` (its own GPUs) and `vllm.tensor_parallel_size`, and rank 0 starts that server (it watches rank 0 and
+stops with it).
 
-The child runs in its own session (its own process group), so stopping it reaches torchrun's workers too.
-Its stdout/stderr go to the run's train.log and `launch.json` in the run folder records argv, pid, pgid
-and the start time. Stopping sends SIGTERM to the group (the trainer checkpoints and marks itself
-'stopped'), then SIGKILL after a grace period; if the trainer could not record 'stopped', we do.
+A background run is started in its own session (its own process group), so stopping it reaches torchrun, its
+workers and the vLLM server. Its stdout/stderr go to the run's train.log and `launch.json` in the run folder
+records argv, pid, pgid and the start time. Stopping sends SIGTERM to the group (the trainer checkpoints and
+marks itself 'stopped'; torchrun waits STOP_GRACE_S for its workers), then SIGKILL after a grace period; if the
+trainer could not record 'stopped', we do. The dashboard and `cua-kit runs` stop runs on this host only: the
+other nodes of a multi-node run are stopped by SIGTERM on their own `cua-kit train` (docs/training.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,7 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cua_kit.config import ConfigError, load_config, parse_overrides
+from cua_kit import allocation
+from cua_kit.config import Config, ConfigError, load_config, parse_overrides
 from cua_kit.trace import TraceWriter, queries
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +47,6 @@ LOG_FILE = "train.log"
 STOP_GRACE_S = 60.0
 # Children started by this process: we must reap them (a zombie still counts as alive for kill(pid, 0)).
 _CHILDREN: dict[int, subprocess.Popen] = {}
-
-
-MULTI_GPU_REFUSED = ("launch.n_gpus={n}: the multi-GPU (FSDP) trainer is not in the kit yet (issue 14), and {n} copies of "
-                     "the one-GPU trainer would all write one run folder; run on one GPU (launch.n_gpus=1) or the CPU "
-                     "(launch.n_gpus=0) instead")
 
 
 class LaunchError(ValueError):
@@ -83,42 +87,96 @@ def check_config_path(config: str | Path, allowed_dirs: list[Path]) -> Path:
     return path
 
 
-def build_argv(config: Path, overrides: list[str], n_gpus: int) -> list[str]:
-    """The trainer command as an argv list: plain python for CPU / 1 GPU; N > 1 is refused (see the docstring)."""
-    if n_gpus < 0:
-        raise LaunchError(f"n_gpus must be >= 0 (0 = CPU), got {n_gpus}")
-    if n_gpus > 1:
-        raise LaunchError(MULTI_GPU_REFUSED.format(n=n_gpus))
-    return [sys.executable, "-m", "cua_kit.cli", "train", str(config), *overrides]
+LAUNCHED_ENV = "CUA_KIT_LAUNCHED"  # set in the environment of what `run_command` starts: it runs its layout as is
 
 
-def launch_overrides(overrides: list[str], n_gpus: int, runs_dir: str | Path) -> list[str]:
-    """The user's overrides plus ours: the GPU count, CPU placement, and output_dir = the runs folder.
-
-    output_dir goes last so a run always lands under runs_dir, where the dashboard looks for it.
-    """
-    keys = parse_overrides(overrides)  # raises ConfigError on unreadable tokens
-    extra = [f"launch.n_gpus={n_gpus}"]
-    if n_gpus == 0 and "model.device" not in keys:
-        extra.append("model.device=cpu")
-    return [*overrides, *extra, f"output_dir={Path(runs_dir).resolve()}"]
+def needs_torchrun(cfg: Config) -> bool:
+    """More than one trainer process: several ranks on this node, or several nodes."""
+    return allocation.parse(cfg.launch.allocation).trainers > 1 or cfg.launch.nnodes > 1
 
 
-def launch_run(config: str | Path, overrides: list[str], n_gpus: int, runs_dir: str | Path,
+def needs_launcher(cfg: Config) -> bool:
+    """A layout (launch.allocation or several nodes) that `run_command` must place, unless this process is what it
+    started already."""
+    return (bool(cfg.launch.allocation.strip()) or cfg.launch.nnodes > 1) and not os.environ.get(LAUNCHED_ENV)
+
+
+def run_command(config: Path | str | None, overrides: list[str], cfg: Config,
+                environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that run `cfg` (loaded from `config` + `overrides`) in its layout on this node; see the
+    module docstring. LaunchError when the layout does not fit this node's visible GPUs."""
+    env = {**(os.environ if environ is None else environ), LAUNCHED_ENV: "1"}
+    alloc = allocation.parse(cfg.launch.allocation)
+    gpus = allocation.visible_gpus(env)
+    on_gpu = cfg.model.device != "cpu" and (bool(gpus) or cfg.model.device.startswith("cuda"))
+    extra: list[str] = []
+    try:
+        trainer_gpus, vllm_gpus = allocation.place(alloc, gpus, cfg.launch.node_rank) if on_gpu else ([], [])
+    except allocation.AllocationError as exc:
+        raise LaunchError(str(exc)) from None
+    if on_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(trainer_gpus)
+    if alloc.vllm_servers:
+        extra += _vllm_overrides(alloc, vllm_gpus, cfg.launch.allocation)
+    train = ["-m", "cua_kit.cli", "train", *([str(config)] if config else []), *overrides, *extra]
+    if not needs_torchrun(cfg):
+        return [sys.executable, *train], env
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(int(STOP_GRACE_S))  # torchrun's wait for a checkpointing worker
+    lc = cfg.launch
+    nodes = (["--nnodes", str(lc.nnodes), "--node-rank", str(lc.node_rank), "--rdzv-backend", "static",
+              "--rdzv-endpoint", lc.rdzv_endpoint] if lc.nnodes > 1 else ["--standalone"])
+    return [sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc-per-node", str(alloc.trainers),
+            *train], env
+
+
+def _vllm_overrides(alloc: allocation.Allocation, gpus: list[str], text: str) -> list[str]:
+    """The vLLM part of a layout as the vLLM backend's settings (issue 13's `vllm` config section)."""
+    from cua_kit.config import _all_keys
+
+    if "vllm.gpus" not in _all_keys():
+        raise LaunchError(f"launch.allocation={text}: this kit has no vLLM backend yet (issue 13); "
+                          "use fsdp:dZ (rank 0 generates with the HF backend)")
+    gpu_setting = [f"vllm.gpus={','.join(gpus)}"] if gpus else []
+    return ["rollout.backend=vllm", f"vllm.tensor_parallel_size={alloc.vllm_tp}", *gpu_setting]
+
+
+def run_foreground(argv: list[str], env: dict[str, str]) -> int:
+    """`cua-kit train` with a layout of several processes: torchrun in the foreground. It shares our process group
+    (a Ctrl-C reaches every worker); a SIGTERM sent to us alone is passed on. Returns its exit code."""
+    proc = subprocess.Popen(argv, env=env)
+
+    def pass_on(sig: int, frame: Any) -> None:
+        proc.send_signal(sig)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def launch_overrides(overrides: list[str], runs_dir: str | Path) -> list[str]:
+    """The user's overrides plus output_dir = the runs folder (last, so a run always lands under runs_dir,
+    where the dashboard looks for it)."""
+    parse_overrides(overrides)  # raises ConfigError on unreadable tokens
+    return [*overrides, f"output_dir={Path(runs_dir).resolve()}"]
+
+
+def launch_run(config: str | Path, overrides: list[str], runs_dir: str | Path,
                allowed_dirs: list[Path] | None = None, env: dict[str, str] | None = None) -> LaunchedRun:
-    """Validate, then start the trainer in its own process group. Raises LaunchError / ConfigError."""
+    """Validate, then start the run's layout in its own process group. Raises LaunchError / ConfigError."""
     path = check_config_path(config, allowed_dirs or allowed_config_dirs(runs_dir))
-    full_overrides = launch_overrides(list(overrides), n_gpus, runs_dir)
+    full_overrides = launch_overrides(list(overrides), runs_dir)
     cfg = load_config(path, full_overrides)  # ConfigError: refuse before spawning anything
     run_dir = cfg.run_dir.resolve()
     running = read_launch(run_dir)
     if running and pid_alive(running["pid"]):
         raise LaunchError(f"{run_dir} already has a live run (pid {running['pid']}); stop it or set trial_name=...")
-    argv = build_argv(path, full_overrides, n_gpus)  # LaunchError before the run folder exists
+    argv, run_env = run_command(path, full_overrides, cfg, env)  # LaunchError before the run folder exists
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=REPO_ROOT, env=env)
+                                start_new_session=True, cwd=REPO_ROOT, env=run_env)
     _CHILDREN[proc.pid] = proc
     launched = LaunchedRun(str(run_dir), argv, proc.pid, os.getpgid(proc.pid), time.time(), socket.gethostname())
     (run_dir / LAUNCH_FILE).write_text(json.dumps(asdict(launched), indent=2))
@@ -149,42 +207,50 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
-def _group_alive(pgid: int) -> bool:
-    if pgid in _CHILDREN and _CHILDREN[pgid].poll() is None:
-        return True
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid_alive(pgid) or _has_live_member(pgid)
-
-
-def _has_live_member(pgid: int) -> bool:
-    """Any non-zombie process in group `pgid` (torchrun workers may outlive the group leader)."""
+def _proc_table() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live, not zombie, process on this host."""
+    rows = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if fields[0] != "Z":
+            rows.append((int(stat.parent.name), int(fields[1]), int(fields[2])))
+    return rows
 
 
-def _wait_group(pgid: int, timeout_s: float) -> bool:
-    """Wait until group `pgid` has no live process; True if it went away in time."""
+def _run_processes(pgid: int, known: set[int]) -> set[int]:
+    """The run's live processes: its process group, and every descendant of a process already known to be the
+    run's (torchrun starts each worker in a session of its own, and a worker outlives a killed torchrun)."""
+    table = _proc_table()
+    found = {pid for pid, _, group in table if group == pgid} | {p for p in known if pid_alive(p)}
+    children: dict[int, list[int]] = {}
+    for pid, parent, _ in table:
+        children.setdefault(parent, []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _wait_gone(pgid: int, known: set[int], timeout_s: float) -> set[int]:
+    """Wait until the run has no live process (tracking new descendants meanwhile); the ones left at the end."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _group_alive(pgid):
-            return True
+    while True:
+        known |= _run_processes(pgid, known)
+        alive = {p for p in known if pid_alive(p)}
+        if not alive or time.monotonic() >= deadline:
+            return alive
         time.sleep(0.1)
-    return not _group_alive(pgid)
 
 
 def stop_run(run_dir: str | Path, grace_s: float = STOP_GRACE_S) -> str:
-    """SIGTERM the run's process group, SIGKILL it after `grace_s`; record status 'stopped'. Returns how it ended."""
+    """SIGTERM the run's process group (torchrun passes it to its workers), SIGKILL every process of the run still
+    there after `grace_s`; record status 'stopped'. Returns how it ended."""
     run_dir = Path(run_dir)
     launched = read_launch(run_dir)
     if launched is None:
@@ -192,13 +258,17 @@ def stop_run(run_dir: str | Path, grace_s: float = STOP_GRACE_S) -> str:
     if launched.get("host") not in (None, socket.gethostname()):
         raise LaunchError(f"{run_dir} runs on host {launched['host']}; stop it there")
     pgid = int(launched["pgid"])
+    known = _run_processes(pgid, {int(launched["pid"])})
     how = "already exited"
-    if _group_alive(pgid):
+    if any(pid_alive(p) for p in known):
         _signal_group(pgid, signal.SIGTERM)
         how = "stopped (SIGTERM)"
-        if not _wait_group(pgid, grace_s):
-            _signal_group(pgid, signal.SIGKILL)
-            _wait_group(pgid, 10.0)
+        left = _wait_gone(pgid, known, grace_s)
+        if left:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _wait_gone(pgid, known, 10.0)
             how = f"killed (SIGKILL after {grace_s:g} s)"
     child = _CHILDREN.pop(launched["pid"], None)
     if child is not None:
@@ -276,6 +346,6 @@ def find_run(runs_dir: str | Path, name: str) -> Path:
     return run_dir
 
 
-__all__ = ["ConfigError", "LaunchError", "LaunchedRun", "allowed_config_dirs", "build_argv", "check_config_path",
-           "effective_status", "find_run", "launch_run", "list_configs", "list_runs", "pid_alive", "read_launch",
-           "stop_run"]
+__all__ = ["ConfigError", "LaunchError", "LaunchedRun", "allowed_config_dirs", "check_config_path", "effective_status",
+           "find_run", "launch_run", "list_configs", "list_runs", "needs_launcher", "needs_torchrun", "pid_alive", "read_launch",
+           "run_command", "run_foreground", "stop_run"]

@@ -59,7 +59,7 @@ class TrainingRun:
 
     def __init__(self, cfg: Config, ranks: Ranks | None = None, channel: Channel | None = None):
         """`ranks`/`channel`: rank 0 of an FSDP run (`cua_kit.distributed`); None: one process."""
-        _refuse_several_processes(cfg, ranks)
+        _refuse_an_unplaced_layout(cfg, ranks)
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -315,14 +315,15 @@ def trainer_parts(cfg: Config, resume_from: Path | None, ranks: Ranks | None = N
     return loaded, ShardedTrainer(loaded, cfg.grpo, cfg.trainer, sampling, ranks, channel)
 
 
-def _refuse_several_processes(cfg: Config, ranks: Ranks | None) -> None:
-    """With launch.n_gpus > 1, or as a torchrun worker without ranks, N copies of this one-process trainer would
-    each train alone and all write one run folder: refuse, saying what to run instead."""
-    from cua_kit.launch import MULTI_GPU_REFUSED
+def _refuse_an_unplaced_layout(cfg: Config, ranks: Ranks | None) -> None:
+    """A layout the launcher has not placed (its processes, GPUs and vLLM server), or a torchrun worker without
+    ranks, would train alone in this process while the layout says otherwise: refuse, saying what to run."""
+    from cua_kit.launch import needs_launcher
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.launch.n_gpus > 1 or (ranks is None and world > 1):
-        raise ConfigError(MULTI_GPU_REFUSED.format(n=max(cfg.launch.n_gpus, world)))
+    if needs_launcher(cfg) or (ranks is None and launched()):
+        raise ConfigError(f"launch.allocation={cfg.launch.allocation!r} (launch.nnodes={cfg.launch.nnodes}) is a "
+                          "layout for the launcher: start it with `cua-kit train CONFIG [overrides]` (or the "
+                          "dashboard's Launch), which places its processes; train() runs one process only")
 
 
 def _seed_everything(seed: int) -> None:

@@ -28,7 +28,7 @@ UI_TIMEOUT_MS = 30_000
 def runs_dir(tmp_path_factory) -> Path:
     """A runs folder holding one finished real training run (tiny Qwen3-VL, synth env, 2 steps, CPU)."""
     runs = tmp_path_factory.mktemp("runs")
-    started = launch.launch_run(QUICKSTART, [*TINY, "trainer.max_steps=2", "trial_name=tiny"], 0, runs)
+    started = launch.launch_run(QUICKSTART, [*TINY, "trainer.max_steps=2", "trial_name=tiny"], runs)
     try:
         wait_for(lambda: not launch.pid_alive(started.pid), 300, "the tiny training run to finish")
     finally:
@@ -138,23 +138,33 @@ def test_unknown_override_is_refused_with_the_config_error(page, runs_dir):
     assert not list(runs_dir.rglob("launch.json"))[1:]  # only the fixture's run was ever launched
 
 
-def test_launch_a_cpu_run_from_the_ui_then_stop_it(page, runs_dir):
+def test_launch_two_cpu_ranks_from_the_ui_then_stop_every_process(page, runs_dir):
+    """Launch with the layout fsdp:d2 starts one real distributed run (torchrun, 2 gloo ranks writing one run
+    folder); Stop ends every process it started."""
     run_dir = runs_dir / "quickstart" / "ui"
     open_tab(page, "Launch")
-    _fill_overrides(page, " ".join([*TINY, "trainer.max_steps=500", "trial_name=ui"]))
+    page.locator("#launch-allocation").locator("textarea, input").first.fill("fsdp:d2")
+    _fill_overrides(page, " ".join([*TINY, "trainer.max_steps=500", "trial_name=ui", "saver.freq_steps=0"]))
     page.locator("#launch-start").click()
     try:
         expect(page.locator("#launch-message")).to_contain_text("started quickstart/ui")
-        pid = launch.read_launch(run_dir)["pid"]
-        wait_for(lambda: run_status(run_dir) == "running", 120, "the trainer to record status running")
+        launched = launch.read_launch(run_dir)
+        assert "torch.distributed.run" in launched["argv"] and "--nproc-per-node" in launched["argv"]
+        wait_for(lambda: run_status(run_dir) == "running", 180, "the trainer to record status running")
+        wait_for(lambda: "Step 1/500" in (run_dir / "train.log").read_text(), 180, "a first step on 2 ranks")
+        started = launch._run_processes(launched["pgid"], {launched["pid"]})
+        assert len(started) >= 3  # torchrun and its two workers (each in a session of its own)
         expect(page.locator("#launch-status")).to_contain_text("running", timeout=20_000)  # timer refresh
         page.locator("#launch-stop").click()
         expect(page.locator("#launch-message")).to_contain_text("stopped (SIGTERM)", timeout=90_000)
     finally:  # whatever this test launched is stopped, even when an assertion failed first
-        for launched in runs_dir.glob("*/*/launch.json"):
-            launch.stop_run(launched.parent, grace_s=5)
-    assert not launch.pid_alive(pid)
+        for found in runs_dir.glob("*/*/launch.json"):
+            launch.stop_run(found.parent, grace_s=5)
+    assert not any(launch.pid_alive(p) for p in started)  # every process it started is gone
     assert run_status(run_dir) == "stopped"
+    log = (run_dir / "train.log").read_text()
+    assert "Run stopped" in log and "checkpoint-" in log  # rank 0 checkpointed on the way out
+    assert len(list(run_dir.glob("checkpoints/checkpoint-*/rng-rank1.pt"))) == 1  # ...with rank 1's part
     expect(page.locator("#launch-status")).to_contain_text("stopped", timeout=20_000)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from cua_kit import launch
 from cua_kit.config import GRPOConfig, LoraConfig, ModelConfig, TrainerConfig, load_config
 from cua_kit.distributed import partition, plan
 from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches
@@ -339,3 +340,22 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_the_run_resumes(tmp_
     assert steps == list(range(1, last + 3))  # every step exactly once across the three runs
     # the resumed ranks serve the checkpoint's version from the first turn: nothing is counted stale
     assert all(s == 0 for (s,) in _db(out, "select staleness_mean from steps"))
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_finish_a_run_through_the_launcher(tmp_path):
+    """Two "nodes" on this host, each `cua-kit train ... launch.nnodes=2 launch.node_rank=R`: each starts torchrun
+    with the static rendezvous at node 0's endpoint, and the two ranks finish a 2-step run together."""
+    out, port = tmp_path / "run", free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop(launch.LAUNCHED_ENV, None)
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "cua_kit.cli", "train",
+         *_train_args(out, "trainer.max_steps=2", "saver.freq_steps=1", "model.device=cpu", "launch.allocation=fsdp:d1",
+                      "launch.nnodes=2", f"launch.node_rank={rank}", f"launch.rdzv_endpoint=127.0.0.1:{port}")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for rank in (0, 1)]
+    (code0, log0), (code1, log1) = _finish(nodes)
+    assert code0 == 0 and code1 == 0, log0[-3000:] + log1[-3000:]
+    assert "Run finished at step 2" in log0 and "Run finished" not in log1  # node 1 holds rank 1, a follower
+    assert [r[0] for r in _db(out, "select step from steps order by step")] == [1, 2]
+    assert (out / "quickstart/trial0/checkpoints/checkpoint-2/rng-rank1.pt").exists()  # rank 1 wrote its part

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from cua_kit import launch
+from cua_kit import allocation, launch
+from cua_kit.allocation import Allocation
 from cua_kit.cli import main as cli_main
-from cua_kit.config import ConfigError
+from cua_kit.config import ConfigError, load_config
 from cua_kit.trace import TraceWriter, queries
 
 QUICKSTART = launch.REPO_ROOT / "configs" / "quickstart.yaml"
 # A short real run: no SFT adapter, no eval, small groups (CPU, 2 cores).
-TINY = ["model.adapter_path=", "trainer.eval_episodes=0", "trainer.batch_size=1", "rollout.n_samples=2",
-        "rollout.max_turns=2"]
+TINY = ["model.device=cpu", "model.adapter_path=", "trainer.eval_episodes=0", "trainer.batch_size=1",
+        "rollout.n_samples=2", "rollout.max_turns=2"]
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -42,41 +43,83 @@ def run_status(run_dir: Path) -> str | None:
     return info["status"] if info else None
 
 
-def test_argv_is_plain_python_and_several_gpus_are_refused(tmp_path):
-    cpu = launch.build_argv(QUICKSTART, ["trainer.max_steps=2"], 0)
-    assert cpu == [sys.executable, "-m", "cua_kit.cli", "train", str(QUICKSTART), "trainer.max_steps=2"]
-    assert launch.build_argv(QUICKSTART, [], 1)[0] == sys.executable
-    overrides = launch.launch_overrides(["trainer.max_steps=2"], 1, "/tmp/runs")
-    assert "launch.n_gpus=1" in overrides and overrides[-1] == f"output_dir={Path('/tmp/runs').resolve()}"
-    assert "model.device=cpu" in launch.launch_overrides([], 0, "/tmp/runs")
-    with pytest.raises(launch.LaunchError, match="n_gpus"):
-        launch.build_argv(QUICKSTART, [], -1)
-    # N copies of the one-process trainer would all write one run folder: refused, saying what to run instead
-    with pytest.raises(launch.LaunchError, match=r"launch.n_gpus=4: the multi-GPU .* \(launch.n_gpus=1\)"):
-        launch.launch_run(QUICKSTART, [], 4, tmp_path / "runs")
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("launch.json"))
-    # and the trainer itself refuses to run as one of several torchrun workers
-    from cua_kit.config import load_config
+@pytest.mark.parametrize("text, expected", [
+    ("", Allocation(0, 1, 1)),
+    ("fsdp:d4", Allocation(0, 1, 4)),
+    ("vllm:d1t2+fsdp:d4", Allocation(1, 2, 4)),
+    ("vllm:d1p1t4+d4p1t1", Allocation(1, 4, 4)),  # the original system's spelling
+    ("vllm:d1t2", Allocation(1, 2, 1)),
+])
+def test_layouts_parse(text, expected):
+    assert allocation.parse(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fsdp:4", "can't read 'fsdp:4'"),
+    ("fsdp:d2t2", "tensor parallelism"),
+    ("vllm:d2t2+fsdp:d4", "drives one server .* vllm:d1t4"),
+    ("fsdp:d2p2", "pipeline parallelism"),
+])
+def test_bad_layouts_are_refused_at_load_time_with_the_syntax(text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, [f"launch.allocation={text}"])
+
+
+def test_the_layout_becomes_the_command_and_one_that_does_not_fit_is_refused(tmp_path):
+    cfg = lambda *o: load_config(QUICKSTART, list(o))  # noqa: E731
+    argv, env = launch.run_command(QUICKSTART, ["trainer.max_steps=2"], cfg("trainer.max_steps=2"), {})
+    assert argv == [sys.executable, "-m", "cua_kit.cli", "train", str(QUICKSTART), "trainer.max_steps=2"]
+    assert env[launch.LAUNCHED_ENV] == "1"  # what it starts runs its layout as is, never relaunches
+    four = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    two = ["launch.allocation=fsdp:d2", "model.device=cuda"]
+    argv, env = launch.run_command(QUICKSTART, two, cfg(*two), four)
+    assert argv[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    assert argv[6:] == ["-m", "cua_kit.cli", "train", str(QUICKSTART), *two]
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5"  # the trainer ranks' GPUs, in the listed order
+    nodes = [*two, "launch.nnodes=2", "launch.node_rank=1", "launch.rdzv_endpoint=node0:29500"]
+    argv, _ = launch.run_command(QUICKSTART, nodes, cfg(*nodes), four)
+    assert argv[3:11] == ["--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "static", "--rdzv-endpoint",
+                          "node0:29500"]
+    cpu = ["launch.allocation=fsdp:d2", "model.device=cpu"]  # no GPU asked for: processes under gloo
+    assert "CUDA_VISIBLE_DEVICES" not in launch.run_command(QUICKSTART, cpu, cfg(*cpu), {})[1]
+    # a vLLM server on its own GPUs first, then the trainer ranks; node 1 runs only trainer ranks
+    assert allocation.place(Allocation(1, 2, 2), ["0", "1", "2", "3"]) == (["2", "3"], ["0", "1"])
+    assert allocation.place(Allocation(1, 2, 2), ["0", "1"], node_rank=1) == (["0", "1"], [])
+    big = ["launch.allocation=fsdp:d8", "model.device=cuda"]
+    with pytest.raises(launch.LaunchError, match="needs 8 GPUs on node 0 .* but 4 are visible"):
+        launch.run_command(QUICKSTART, big, cfg(*big), four)
+    runs = tmp_path / "runs"
+    with pytest.raises(launch.LaunchError, match="needs 8 GPUs"):  # refused before anything starts
+        launch.launch_run(QUICKSTART, big, runs, env=four)
+    assert not runs.exists() or not list(runs.rglob("launch.json"))
+
+
+def test_replaced_keys_and_unplaced_layouts_say_what_to_run(tmp_path):
+    with pytest.raises(ConfigError, match="launch.n_gpus was replaced by launch.allocation"):
+        load_config(QUICKSTART, ["launch.n_gpus=4"])
+    with pytest.raises(ConfigError, match="rdzv_endpoint must be host:port"):
+        load_config(QUICKSTART, ["launch.nnodes=2"])
     from cua_kit.train import TrainingRun
 
-    with pytest.raises(ConfigError, match="launch.n_gpus=2"):
-        TrainingRun(load_config(QUICKSTART, [f"output_dir={tmp_path}", "launch.n_gpus=2"]))
+    # train() in this process would train alone while the layout says 2 ranks: it says to use `cua-kit train`
+    with pytest.raises(ConfigError, match="start it with `cua-kit train CONFIG"):
+        TrainingRun(load_config(QUICKSTART, [f"output_dir={tmp_path}", "launch.allocation=fsdp:d2"]))
 
 
 def test_config_outside_the_allowed_folders_is_refused(tmp_path):
     outside = tmp_path / "evil.yaml"
     outside.write_text("trainer:\n  max_steps: 1\n")
     with pytest.raises(launch.LaunchError, match="outside the allowed folders"):
-        launch.launch_run(outside, [], 0, tmp_path / "runs")
+        launch.launch_run(outside, [], tmp_path / "runs")
     sneaky = launch.REPO_ROOT / "configs" / ".." / "pyproject.toml"  # '..' must not escape configs/
     with pytest.raises(launch.LaunchError, match="outside the allowed folders"):
-        launch.launch_run(sneaky, [], 0, tmp_path / "runs")
+        launch.launch_run(sneaky, [], tmp_path / "runs")
 
 
 def test_unknown_override_is_refused_before_anything_is_spawned(tmp_path):
     runs = tmp_path / "runs"
     with pytest.raises(ConfigError, match="trainer.max_stepz.*Did you mean 'trainer.max_steps'"):
-        launch.launch_run(QUICKSTART, ["trainer.max_stepz=2"], 0, runs)
+        launch.launch_run(QUICKSTART, ["trainer.max_stepz=2"], runs)
     assert not runs.exists() or not list(runs.rglob("launch.json"))
 
 
@@ -94,12 +137,12 @@ def test_running_row_with_dead_pid_reads_failed(tmp_path):
 
 def test_real_run_starts_in_its_own_group_and_stops_on_sigterm(tmp_path, capsys):
     runs = tmp_path / "runs"
-    started = launch.launch_run(QUICKSTART, [*TINY, "trainer.max_steps=500", "trial_name=stopme"], 0, runs)
+    started = launch.launch_run(QUICKSTART, [*TINY, "trainer.max_steps=500", "trial_name=stopme"], runs)
     run_dir = Path(started.run_dir)
     assert started.pgid == started.pid != os.getpgid(0)  # its own session: a stop reaches all its processes
     assert (run_dir / "launch.json").is_file()
     with pytest.raises(launch.LaunchError, match="already has a live run"):
-        launch.launch_run(QUICKSTART, [*TINY, "trial_name=stopme"], 0, runs)
+        launch.launch_run(QUICKSTART, [*TINY, "trial_name=stopme"], runs)
     try:
         wait_for(lambda: run_status(run_dir) == "running", 120, "the trainer to record status running")
         assert cli_main(["runs", "list", "--runs-dir", str(runs)]) == 0
