@@ -12,6 +12,10 @@ device in bf16, no hub):
            `get_peft_model`, gradient checkpointing, inputs collated once up front, `labels=` loss over
            the completion tokens (full-vocab logits), backward, AdamW.
   kit-nokl the kit's update with kl_ctl 0 (no reference forward): isolates what the KL term costs.
+  fsdp     the kit's update through FSDP2 at world size 1 (`cua_kit.distributed.ShardedTrainer`: fully_shard on
+           every decoder layer and vision block, bf16 compute on CUDA): the same LoRA, batch and steps as `kit`,
+           so its losses must be kit's (`loss_vs_kit`: the largest |difference| over every update, warm-up
+           included), with its time and peak memory beside kit's.
 All: rows x seq tokens per step (default 4 x 1,196: one 1280x736 screenshot = 920 image tokens,
 text, a 128-token completion), one micro-batch, `--warmup` untimed steps then the median of `--steps`.
 
@@ -22,6 +26,7 @@ not count. Prints a table and writes JSON:
 
     PYTHONPATH=. python bench/train_step.py --shape 2b 8b --steps 8 --out bench/results/train_step.json
     PYTHONPATH=. python bench/train_step.py --shape tiny --image 64x64 --seq 96 --completion 16  # CPU
+    PYTHONPATH=. python bench/train_step.py --shape 8b --paths kit fsdp   # the 1-GPU FSDP figures
 """
 
 from __future__ import annotations
@@ -179,27 +184,56 @@ def peak_gib(device: torch.device) -> float:
 
 
 def run_kit(model: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device,
-            dtype: torch.dtype, kl_ctl: float = 0.01) -> dict[str, Any]:
-    """The kit's update: apply_lora + GRPOTrainer.update on fresh Sample rows (kl_ctl 0: no reference forward)."""
+            dtype: torch.dtype, kl_ctl: float = 0.01, sharded: bool = False) -> dict[str, Any]:
+    """The kit's update: apply_lora + GRPOTrainer.update on fresh Sample rows (kl_ctl 0: no reference forward);
+    `sharded`: through FSDP2 on one rank (`ShardedTrainer`)."""
     peft_model, targets = apply_lora(model, LORA)
     policy = LoadedModel(peft_model, processor, "qwen3_vl", device, dtype, targets)
     one_micro_batch = TrainerConfig(micro_batch_tokens=args.rows * args.seq, max_seq_length=args.seq)
-    trainer = GRPOTrainer(policy, GRPOConfig(kl_ctl=kl_ctl), one_micro_batch, TEMPERATURE)
     behaviour = reference_logprobs(policy, rows, device)  # = the policy's at step 0 (LoRA B is zero)
+    trainer = (one_rank_trainer(policy, GRPOConfig(kl_ctl=kl_ctl), one_micro_batch, device) if sharded else
+               GRPOTrainer(policy, GRPOConfig(kl_ctl=kl_ctl), one_micro_batch, TEMPERATURE))
     samples = [Sample(TurnSample(p, c, lp, imgs, version=0), advantage=1.0 if i % 2 == 0 else -1.0)
                for i, ((p, c, imgs), lp) in enumerate(zip(rows, behaviour))]
+    losses: list[float] = []
 
     def step() -> dict[str, float]:
         for s in samples:  # fresh samples: the on-policy case, no proximal recompute
             s.turn.version = trainer.version
-        return trainer.update(samples)
+        stats = trainer.update(samples)
+        losses.append(stats["loss"])
+        return stats
 
     times, stats = time_steps(step, device, args.warmup, args.steps)
-    result = {"times_s": times, "peak_gib": peak_gib(device), "last_update": stats,
+    result = {"times_s": times, "peak_gib": peak_gib(device), "last_update": stats, "losses": losses,
               "n_params": count(peft_model), "n_trainable": count(peft_model, trainable=True)}
-    if kl_ctl > 0:
+    if kl_ctl > 0 and not sharded:
         result["breakdown"] = kit_breakdown(policy, rows, device)
     return result
+
+
+def one_rank_trainer(policy: LoadedModel, grpo: GRPOConfig, trainer: TrainerConfig, device: torch.device) -> Any:
+    """A `ShardedTrainer` in a process group of one rank (NCCL on CUDA, gloo on the CPU), made once per process."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from cua_kit import distributed
+    from cua_kit.config import load_config
+
+    global _RANKS
+    if _RANKS is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        _RANKS = distributed.init(load_config(None, [f"model.device={device.type}"]))
+    assert dist.get_world_size() == 1
+    return distributed.ShardedTrainer(policy, grpo, trainer, TEMPERATURE, _RANKS, distributed.Channel(_RANKS))
+
+
+_RANKS = None  # the one-rank process group of the fsdp path
 
 
 @contextlib.contextmanager
@@ -280,10 +314,15 @@ def bench_shape(name: str, tok: Any, processor: Any, args: argparse.Namespace, d
         if path == "peft":
             run = run_peft(model, processor, rows, args, device)
         else:
-            run = run_kit(model, processor, rows, args, device, dtype, kl_ctl=0.0 if path == "kit-nokl" else 0.01)
+            run = run_kit(model, processor, rows, args, device, dtype, kl_ctl=0.0 if path == "kit-nokl" else 0.01,
+                          sharded=path == "fsdp")
         out.append(summarise(name, path, run, tokens, flops))
         print(f"  {name} {path}: {out[-1]['step_s']:.3f} s/step", flush=True)
         del model, run
+    kit = next((r for r in out if r["path"] == "kit"), None)
+    for r in out:
+        if r["path"] == "fsdp" and kit is not None:  # the same updates on the same batch: the same losses
+            r["loss_vs_kit"] = max(abs(a - b) for a, b in zip(r["losses"], kit["losses"]))
     return out
 
 
@@ -297,6 +336,11 @@ def print_table(results: list[dict[str, Any]], flops: float) -> None:
         print(f"{r['shape']:>5} {r['path']:>8} {r['n_params'] / 1e9:>7.2f}B {r['tokens_per_step']:>6} "
               f"{r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {r['peak_gib']:>8.1f} {100 * r['mfu']:>5.1f}% {ratio:>7}")
     for r in results:
+        if "loss_vs_kit" in r:
+            kit = next(k for k in results if k["shape"] == r["shape"] and k["path"] == "kit")
+            print(f"{r['shape']} fsdp (1 rank) vs kit: losses {r['losses']} vs {kit['losses']} (largest |difference| "
+                  f"{r['loss_vs_kit']:.2e}); step {r['step_s'] / kit['step_s']:.2f}x, peak memory "
+                  f"{r['peak_gib']:.1f} vs {kit['peak_gib']:.1f} GiB")
         if "breakdown" in r:
             b = r["breakdown"]
             print(f"{r['shape']} kit breakdown: collate (CPU) {b['collate_s']:.3f} s, "
@@ -314,8 +358,10 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["2b", "8b"], help="model shapes")
-    parser.add_argument("--paths", nargs="+", choices=["peft", "kit", "kit-nokl"], default=["peft", "kit", "kit-nokl"],
-                        help="peft: plain baseline; kit: GRPOTrainer.update (kl_ctl 0.01); kit-nokl: kl_ctl 0")
+    parser.add_argument("--paths", nargs="+", choices=["peft", "kit", "kit-nokl", "fsdp"],
+                        default=["peft", "kit", "kit-nokl"],
+                        help="peft: plain baseline; kit: GRPOTrainer.update (kl_ctl 0.01); kit-nokl: kl_ctl 0; "
+                             "fsdp: kit through FSDP2 on one rank")
     parser.add_argument("--rows", type=int, default=4, help="sequences per step (one micro-batch)")
     parser.add_argument("--seq", type=int, default=1196, help="tokens per sequence, prompt + completion")
     parser.add_argument("--completion", type=int, default=128, help="completion tokens per sequence")

@@ -31,10 +31,10 @@ TINY = ["--shape", "tiny", "--device", "cpu", "--image", "64x64", "--rows", "2",
 
 def test_tiny_run_reports_every_path(train_step, tmp_path):
     out = tmp_path / "train_step.json"
-    report = train_step.main(TINY + ["--paths", "peft", "kit", "kit-nokl", "--out", str(out)])
+    report = train_step.main(TINY + ["--warmup", "1", "--paths", "peft", "kit", "kit-nokl", "fsdp", "--out", str(out)])
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"], default=str))
     by_path = {r["path"]: r for r in report["results"]}
-    assert set(by_path) == {"peft", "kit", "kit-nokl"}
+    assert set(by_path) == {"peft", "kit", "kit-nokl", "fsdp"}
     for r in by_path.values():
         assert r["tokens_per_step"] == 2 * 40
         assert r["step_s"] > 0 and math.isclose(r["tokens_per_s"], 80 / r["step_s"])
@@ -50,6 +50,11 @@ def test_tiny_run_reports_every_path(train_step, tmp_path):
     assert update["kl"] >= 0 and by_path["kit"]["breakdown"]["reference_forward_s"] > 0
     assert by_path["kit-nokl"]["last_update"]["kl"] == 0 and "breakdown" not in by_path["kit-nokl"]
     assert by_path["kit-nokl"]["last_update"]["grad_norm"] > 0
+    # FSDP2 on one rank takes the kit's steps: the same losses on the same batch (fp32 on the CPU)
+    fsdp, kit_losses = by_path["fsdp"], by_path["kit"]["losses"]
+    assert len(fsdp["losses"]) == len(kit_losses) == 2 and abs(kit_losses[-1]) > 1e-4  # the 2nd update's loss is not 0
+    assert fsdp["loss_vs_kit"] < 1e-5
+    assert fsdp["n_trainable"] == by_path["kit"]["n_trainable"] and fsdp["last_update"]["grad_norm"] > 0
 
 
 @pytest.mark.parametrize("bad, message", [
