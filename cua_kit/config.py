@@ -42,7 +42,7 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to from_pretrained."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory (OOM advice #3)."""
+    """Recompute activations in backward to save memory (docs/training.md, OOM advice #3)."""
     load_in_4bit: bool = False
     """QLoRA-style 4-bit base weights (unsloth loader only). Env var LOAD_IN_4BIT."""
     coord_mode: Literal["relative", "absolute"] = "relative"

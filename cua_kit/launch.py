@@ -141,18 +141,20 @@ def _vllm_overrides(alloc: allocation.Allocation, gpus: list[str], text: str) ->
 
 
 def run_foreground(argv: list[str], env: dict[str, str]) -> int:
-    """`cua-kit train` with a layout of several processes: torchrun in the foreground. It shares our process group
-    (a Ctrl-C reaches every worker); a SIGTERM sent to us alone is passed on. Returns its exit code."""
+    """`cua-kit train` with a layout: its command in the foreground, until it exits (its exit code). A Ctrl-C
+    reaches it through the terminal (torchrun passes it to its workers, which run in sessions of their own), so
+    we ignore ours; a SIGTERM sent to us alone (a scheduler's) is passed on."""
     proc = subprocess.Popen(argv, env=env)
 
     def pass_on(sig: int, frame: Any) -> None:
         proc.send_signal(sig)
 
-    previous = signal.signal(signal.SIGTERM, pass_on)
+    previous = signal.signal(signal.SIGTERM, pass_on), signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def launch_overrides(overrides: list[str], runs_dir: str | Path) -> list[str]:
