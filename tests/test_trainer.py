@@ -355,9 +355,13 @@ def test_micro_batches_by_length_pad_less():
 
     rows = [Sample(TurnSample([0] * n, [1] * 4, [0.0] * 4, [], 0), 1.0) for n in (50, 6, 46, 4, 48, 5)]
     padded = lambda batches: sum(len(b) * max(s.n_tokens for s in b) for b in batches)  # noqa: E731
-    in_order, by_length = micro_batches(rows, 110, by_length=False), micro_batches(rows, 110)
-    assert [[s.n_tokens for s in b] for b in by_length] == [[54, 52], [50, 10], [9, 8]]
-    assert padded(by_length) == 226 < padded(in_order) == 312
+    in_order = micro_batches(rows, 200, by_length=False)
+    assert [[s.n_tokens for s in b] for b in in_order] == [[54, 10, 50], [8, 52, 9]]  # the budget alone
+    by_length = micro_batches(rows, 200, max_padding=0.1)
+    assert [[s.n_tokens for s in b] for b in by_length] == [[54, 52, 50], [10, 9, 8]]
+    assert padded(by_length) == 192 < padded(in_order) == 318
+    assert [len(b) for b in micro_batches(rows, 200, max_padding=1.0)] == [3, 3]  # sorted, budget only
+    assert [len(b) for b in micro_batches(rows, 200, max_padding=0.02)] == [2, 1, 1, 1, 1]  # 54+52: 1.9% padded
     assert sorted(map(id, sum(by_length, []))) == sorted(map(id, rows))
 
 

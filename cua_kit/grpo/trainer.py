@@ -85,27 +85,32 @@ def lr_lambda(warmup_steps: int, schedule: str, max_steps: int):
     return factor
 
 
-def pack_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Greedy packing in order: a micro-batch holds samples until the next would pass the budget
-    (a padded batch costs rows x longest row, which is what the budget bounds)."""
+def pack_micro_batches(samples: list[Sample], token_budget: int, max_padding: float = 1.0) -> list[list[Sample]]:
+    """Greedy packing in order: a micro-batch holds samples until the next would pass the budget (a padded
+    batch costs rows x longest row, which is what the budget bounds) or make padding more than `max_padding`
+    of the batch's tokens (1.0: no such limit)."""
     batches: list[list[Sample]] = []
     current: list[Sample] = []
     for s in samples:
-        longest = max([s.n_tokens] + [c.n_tokens for c in current])
-        if current and longest * (len(current) + 1) > token_budget:
+        rows = current + [s]
+        padded = max(r.n_tokens for r in rows) * len(rows)
+        if current and (padded > token_budget or 1 - sum(r.n_tokens for r in rows) / padded > max_padding):
             batches.append(current)
-            current = []
-        current.append(s)
+            rows = [s]
+        current = rows
     if current:
         batches.append(current)
     return batches
 
 
-def micro_batches(samples: list[Sample], token_budget: int, by_length: bool = True) -> list[list[Sample]]:
+def micro_batches(samples: list[Sample], token_budget: int, by_length: bool = True,
+                  max_padding: float = 0.1) -> list[list[Sample]]:
     """`pack_micro_batches` over the samples sorted longest first (`by_length`): rows of similar length share a
-    micro-batch, so little is padded, and each micro-batch's first row is its longest (what the budget bounds)."""
-    ordered = sorted(samples, key=lambda s: s.n_tokens, reverse=True) if by_length else samples
-    return pack_micro_batches(ordered, token_budget)
+    micro-batch and at most `max_padding` of a micro-batch is padding; without `by_length`, the old packing in
+    order by the budget alone."""
+    if not by_length:
+        return pack_micro_batches(samples, token_budget)
+    return pack_micro_batches(sorted(samples, key=lambda s: s.n_tokens, reverse=True), token_budget, max_padding)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -152,7 +157,7 @@ class GRPOTrainer:
         return [(s.turn.prompt_ids, s.turn.completion_ids, s.turn.images) for s in batch]
 
     def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
-        return micro_batches(samples, self.cfg.micro_batch_tokens, self.cfg.length_buckets)
+        return micro_batches(samples, self.cfg.micro_batch_tokens, self.cfg.length_buckets, self.cfg.max_padding)
 
     def _collated(self, batch: list[Sample]) -> dict[str, torch.Tensor]:
         """The model inputs of a micro-batch, collated (images processed) once per update and reused by every
