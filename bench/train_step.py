@@ -20,6 +20,9 @@ Modifiers (kit unless said): nokl (kl_ctl 0, also trl: beta 0), prescored (the r
 before the update, as when a sample is scored on arrival; timed apart as reference_s), nogc (no gradient
 checkpointing; also peft, trl), compile (trainer.compile), eager (eager attention in the vision tower and the
 language model; also peft), nobuckets (micro-batches packed in order by the token budget alone: the old packing).
+  load-hf, load-unsloth: the kit's update on the model saved to a folder and loaded back by `load_model`
+           with model.loader=hf or unsloth (FastVisionModel, its own LoRA wrapper and offloaded checkpointing);
+           load time reported as load_s. Unsloth is imported first when a load-unsloth path is asked for.
 Rows: --rows x --seq tokens (default 4 x 1,196: one 1280x736 screenshot = 920 image tokens, text, a 128-token
 completion); --mixed halves every other row's screenshot height (rows of two lengths: what bucketing is for).
 `--warmup` untimed steps (at least 3 with compile) then the median of `--steps`. A path that fails (e.g. out
@@ -45,9 +48,15 @@ import json
 import platform
 import random
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+if any(a.startswith("load-unsloth") for a in sys.argv):
+    with contextlib.suppress(ImportError):  # without it, the row fails with the loader's own message
+        import unsloth  # noqa: F401  -- Unsloth patches transformers and peft only if imported before them
 
 import numpy as np
 import peft
@@ -55,11 +64,11 @@ import torch
 import transformers
 from PIL import Image
 
-from cua_kit.config import GRPOConfig, LoraConfig, TrainerConfig
+from cua_kit.config import GRPOConfig, LoraConfig, ModelConfig, TrainerConfig
 from cua_kit.grpo.scoring import score
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
 from cua_kit.models.inputs import Row, collate
-from cua_kit.models.loader import LoadedModel, apply_lora, reference_model
+from cua_kit.models.loader import LoadedModel, apply_lora, load_model, reference_model
 from cua_kit.models.tiny import _processor, build_tokenizer
 from cua_kit.rollout.episode import TurnSample
 
@@ -87,6 +96,7 @@ PATHS: dict[str, set[str]] = {
     "kit": {"nokl", "prescored", "nogc", "compile", "eager", "nobuckets"},
     "peft": {"nogc", "eager"},
     "trl": {"nokl", "nogc"},
+    "load": {"hf", "unsloth"},  # the kit's update on a model saved to a folder and loaded by model.loader=hf|unsloth
 }
 LORA = LoraConfig(r=16, alpha=32, dropout=0.0)  # the kit's defaults: all three groups
 TEMPERATURE = 0.7
@@ -132,7 +142,7 @@ def build_model(config: Any, device: torch.device, dtype: torch.dtype, attn: str
 def parse_path(name: str) -> tuple[str, set[str]]:
     """'kit-nokl-compile' -> ('kit', {'nokl', 'compile'}); a clear error for an unknown base or modifier."""
     base, *mods = name.split("-")
-    if base not in PATHS or not set(mods) <= PATHS[base]:
+    if base not in PATHS or not set(mods) <= PATHS[base] or (base == "load" and len(mods) != 1):
         allowed = "; ".join(f"{b}[-{'|-'.join(sorted(m))}]" for b, m in PATHS.items())
         raise SystemExit(f"--paths {name}: unknown path; give a base with modifiers: {allowed}")
     return base, set(mods)
@@ -219,12 +229,10 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def run_kit(model: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device,
-            dtype: torch.dtype, mods: set[str]) -> dict[str, Any]:
-    """The kit's update: apply_lora + GRPOTrainer.update on fresh Sample rows each step, as in training (the
-    trainer keeps reference log-probs per sample, so reusing the rows would skip the reference after step 1)."""
-    peft_model, targets = apply_lora(model, LORA)
-    policy = LoadedModel(peft_model, processor, "qwen3_vl", device, dtype, targets)
+def run_kit(policy: LoadedModel, rows: list, args: argparse.Namespace, mods: set[str]) -> dict[str, Any]:
+    """The kit's update: GRPOTrainer.update on fresh Sample rows each step, as in training (the trainer keeps
+    reference log-probs per sample, so reusing the rows would skip the reference after step 1)."""
+    peft_model, device = policy.model, policy.device
     buckets = "nobuckets" not in mods
     trainer_cfg = TrainerConfig(micro_batch_tokens=args.micro_batch_tokens or args.rows * args.seq,
                                 max_seq_length=args.seq, length_buckets=buckets, max_padding=0.1 if buckets else 1.0,
@@ -334,15 +342,35 @@ def run_path(path: str, config: Any, processor: Any, rows: list, args: argparse.
                             checkpointing="nogc" not in mods)
         if base == "peft":
             return run_peft(model, processor, rows, args, device)
+        if base == "load":
+            return run_loaded(model, processor, rows, args, device, dtype, loader=mods.pop())
         if base == "trl":
             return bench_module("trl_grpo").run_trl(model, processor, rows, args, device, dtype, LORA,
                                                     beta=0.0 if "nokl" in mods else 0.01, temperature=TEMPERATURE,
                                                     checkpointing="nogc" not in mods)
-        return run_kit(model, processor, rows, args, device, dtype, mods)
+        peft_model, targets = apply_lora(model, LORA)
+        return run_kit(LoadedModel(peft_model, processor, "qwen3_vl", device, dtype, targets), rows, args, mods)
     except Exception as exc:  # noqa: BLE001 -- reported in the table and the JSON
         return {"error": f"{type(exc).__name__}: {str(exc)[:500]}", "peak_gib": peak_gib(device)}
     finally:
         del model
+
+
+def run_loaded(model: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype, loader: str) -> dict[str, Any]:
+    """The model saved to a folder (bf16, with the processor) and loaded back through `load_model` with the given
+    loader, its LoRA put on by that loader (Unsloth: FastVisionModel.get_peft_model), then the kit's update.
+    Loading time and peak memory of the loaded model are what Unsloth claims to improve."""
+    with tempfile.TemporaryDirectory(dir=args.save_dir or None) as folder:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        model.to("meta")  # free the device before loading the copy
+        reset_memory(device)
+        cfg = ModelConfig(name=folder, loader=loader, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                          attn_implementation="sdpa", gradient_checkpointing=True)
+        load_s, policy = timed(lambda: load_model(cfg, LORA), device)
+        result = run_kit(policy, rows, args, set())
+    return {**result, "load_s": load_s}
 
 
 def bench_module(name: str) -> Any:
@@ -380,7 +408,7 @@ def print_table(results: list[dict[str, Any]], flops: float) -> None:
         print(f"{r['shape']:>5} {r['path']:>24} {r['n_params'] / 1e9:>7.2f}B {r['tokens_per_step']:>6} "
               f"{r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {r['peak_gib']:>8.1f} {100 * r['mfu']:>5.1f}% {ratio:>7}")
     for r in results:
-        extra = [f"{k} {r[k]:.3f} s" for k in ("reference_s", "generate_s", "score_s") if k in r]
+        extra = [f"{k} {r[k]:.3f} s" for k in ("reference_s", "generate_s", "score_s", "load_s") if k in r]
         if "breakdown" in r:
             extra += [f"collate (CPU) {r['breakdown']['collate_s']:.3f} s",
                       f"reference forward {r['breakdown']['reference_forward_s']:.3f} s"]
@@ -401,11 +429,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["2b", "8b"], help="model shapes")
     parser.add_argument("--paths", nargs="+", default=["peft", "kit", "kit-nokl"],
                         help="base[-modifier...]: peft[-nogc|-eager], kit[-nokl|-prescored|-nogc|-compile|-eager|"
-                             "-nobuckets], trl[-nokl|-nogc] (module docstring)")
+                             "-nobuckets], trl[-nokl|-nogc], load-hf, load-unsloth (module docstring)")
     parser.add_argument("--rows", type=int, default=4, help="sequences per step")
     parser.add_argument("--mixed", action="store_true", help="every other screenshot half as high: two row lengths")
     parser.add_argument("--micro-batch-tokens", type=int, default=0,
                         help="kit's trainer.micro_batch_tokens (0: rows x seq, one micro-batch)")
+    parser.add_argument("--save-dir", default="", help="folder for the load-* paths' model copy (default: the temp dir)")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                         help="skip timing the kit's collate and reference forward apart (costly at 32B)")
     parser.add_argument("--seq", type=int, default=1196, help="tokens per sequence, prompt + completion")

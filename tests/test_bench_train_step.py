@@ -61,13 +61,16 @@ def test_every_update_speed_path_runs_and_the_prescored_reference_is_timed_apart
     real_compile = torch.compile
     monkeypatch.setattr(trainer_module.torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
     paths = ["peft-nogc", "peft-eager", "kit-prescored", "kit-nogc", "kit-eager", "kit-nobuckets", "kit-compile",
-             "kit-prescored-nogc-compile"]
+             "kit-prescored-nogc-compile", "load-hf", "load-unsloth"]
     report = train_step.main(TINY + ["--image", "64x128", "--seq", "56", "--mixed", "--micro-batch-tokens", "60",
                                      "--paths", *paths, "--out", str(tmp_path / "x.json")])
     by_path = {r["path"]: r for r in report["results"]}
-    assert set(by_path) == set(paths) and not [r for r in by_path.values() if "error" in r]
+    unsloth = by_path.pop("load-unsloth")  # no GPU here: the loader's own message, as a row; the run goes on
+    assert "needs an NVIDIA GPU" in unsloth["error"] and "unsloth==2026.10.7" in unsloth["error"]
+    assert set(by_path) == set(paths[:-1]) and not [r for r in by_path.values() if "error" in r]
     assert by_path["kit-nogc"]["tokens_per_step"] == 56 + 52  # --mixed: the second screenshot 64x64, 4 tokens not 8
-    for path in paths[2:]:
+    assert by_path["load-hf"]["load_s"] > 0
+    for path in paths[2:-1]:
         update = by_path[path]["last_update"]
         assert update["n_samples"] == 2 and math.isfinite(update["loss"]) and update["grad_norm"] > 0
     assert by_path["kit-prescored"]["reference_s"] > 0 and "reference_s" not in by_path["kit-nogc"]
