@@ -23,8 +23,8 @@ LoRA tensors are kept in fp32 (uniform, so sharding can't fail on "uniform origi
 
 Every rank's micro-batch carries an image, and every rank runs as many forwards as the others: a rank whose
 micro-batch skipped the vision tower would skip its all-gathers and hang the others (transformers #37186,
-pytorch #152964, verl #3496). `plan` balances the samples across ranks by tokens and pads the ranks that run out
-with uncounted copies of a real sample. Gradients are summed across ranks (each rank's loss is already weighted
+pytorch #152964, verl #3496). `owners` splits each update's mini-batches across ranks balanced by tokens, and
+`plan` pads the ranks that run out with `Padding` micro-batches (a copy of a real sample, counted for nothing). Gradients are summed across ranks (each rank's loss is already weighted
 by its share of the global batch), so N ranks take the same step as one process.
 
 Failures: every collective has `launch.collective_timeout_s`. While rank 0 waits for rollouts it pings the other
@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from cua_kit.checkpoint import export_adapter, rng_state, save_adapter, set_rng_state
 from cua_kit.config import Config
-from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches
+from cua_kit.grpo.trainer import GRPOTrainer, Padding, Sample, split_minibatches
 
 
 def launched() -> bool:
@@ -129,22 +129,28 @@ def partition(samples: list[Sample], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def plan(samples: list[Sample], budget: int, world: int,
-         keep: Callable[[Sample], bool] | None = None) -> list[list[tuple[list[Sample], bool]]]:
-    """Every rank's micro-batches of `samples` (those `keep` accepts), each with whether it counts: the samples
-    are split by `partition`, packed by the token budget, and the ranks with fewer micro-batches are padded with
-    uncounted one-sample copies, so that every rank runs the same number of forwards and backwards."""
+def owners(kept: list[Sample], minibatches: int, world: int) -> dict[int, int]:
+    """The rank that runs each sample of an update (by id), for every pass over it (proximal, reference, gradient):
+    each PPO mini-batch is split across the ranks by `partition`."""
+    out: dict[int, int] = {}
+    for chunk in split_minibatches(kept, minibatches):
+        for rank, part in enumerate(partition(chunk, world)):
+            out.update({id(chunk[i]): rank for i in part})
+    return out
+
+
+def plan(samples: list[Sample], owner: dict[int, int], world: int,
+         pack: Callable[[list[Sample]], list[list[Sample]]]) -> list[list[list[Sample]]]:
+    """Every rank's micro-batches of `samples`: its own samples (`owner`), packed by `pack`, then `Padding`
+    micro-batches (a copy of one sample, counted for nothing) up to the most any rank has, so that every rank runs
+    the same forwards and backwards; every micro-batch carries an image."""
     missing = [s for s in samples if not s.turn.images]
     if missing:
         raise ValueError("a sample without an image: with FSDP every rank's micro-batch must carry one, or the "
                          "vision tower's all-gather hangs (pytorch #152964)")
-    per_rank = [pack_micro_batches([samples[i] for i in part if keep is None or keep(samples[i])], budget)
-                for part in partition(samples, world)]
+    per_rank = [pack([s for s in samples if owner[id(s)] == r]) for r in range(world)]
     n = max(len(p) for p in per_rank)
-    if n == 0:
-        return [[] for _ in per_rank]
-    filler = next(s for p in per_rank for batch in p for s in batch)
-    return [[(b, True) for b in p] + [([filler], False)] * (n - len(p)) for p in per_rank]
+    return [p + [Padding(samples[:1]) for _ in range(n - len(p))] for p in per_rank]
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -267,9 +273,19 @@ class ShardedTrainer(GRPOTrainer):
         shard(policy.model, torch.bfloat16 if policy.dtype != torch.float32 else torch.float32)
         super().__init__(policy, grpo, trainer, sampling)
         self.ranks, self.channel = ranks, channel
+        self._owner: dict[int, int] = {}  # the rank of each sample of the update under way
 
-    def _micro_batches(self, samples: list[Sample], keep=None) -> list[tuple[list[Sample], bool]]:
-        return plan(samples, self.cfg.micro_batch_tokens, self.ranks.world, keep)[self.ranks.rank]
+    def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        """This rank's share of `plan` (`samples` is the same list on every rank: each pass's is computed from
+        the update's samples alone)."""
+        owner = self._owner or owners(samples, 1, self.ranks.world)  # outside an update: this list alone
+        return plan(samples, owner, self.ranks.world, super()._micro_batches)[self.ranks.rank]
+
+    def score_reference(self, samples: list[Sample]) -> int:
+        """Every rank scores the reference of its own samples of this update: a cache kept from earlier updates
+        would differ from rank to rank, and so would the passes each rank runs."""
+        self._ref.clear()
+        return super().score_reference(samples)
 
     def _all_ranks(self, local: Any) -> list[Any]:
         out: list[Any] = [None] * self.ranks.world
@@ -278,7 +294,11 @@ class ShardedTrainer(GRPOTrainer):
 
     def update(self, samples: list[Sample]) -> dict[str, float]:
         with self.channel.command("update", samples):
-            return super().update(samples)
+            self._owner = owners(self._kept(samples), self.grpo.minibatches, self.ranks.world)
+            try:
+                return super().update(samples)
+            finally:
+                self._owner = {}
 
     def export(self, adapters_dir: Path) -> Path | None:
         with self.channel.command("export", adapters_dir):

@@ -25,8 +25,8 @@ from PIL import Image
 
 from cua_kit import launch
 from cua_kit.config import GRPOConfig, LoraConfig, ModelConfig, TrainerConfig, load_config
-from cua_kit.distributed import partition, plan
-from cua_kit.grpo.trainer import GRPOTrainer, Sample, pack_micro_batches
+from cua_kit.distributed import owners, partition, plan
+from cua_kit.grpo.trainer import GRPOTrainer, Padding, Sample, pack_micro_batches
 from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import load_model
@@ -54,15 +54,21 @@ def test_partition_balances_tokens_and_plan_pads_every_rank_to_the_same_forwards
     parts = partition(rows, 2)
     loads = [sum(rows[i].n_tokens for i in p) for p in parts]
     assert sorted(i for p in parts for i in p) == list(range(6)) and max(loads) - min(loads) <= 20
-    per_rank = plan(rows, budget=64, world=2)
+    pack = lambda batch: pack_micro_batches(batch, 64)  # noqa: E731
+    per_rank = plan(rows, owners(rows, 1, 2), 2, pack)
     assert len(per_rank[0]) == len(per_rank[1])  # the same number of forwards on every rank, or FSDP hangs
-    counted = [s for batches in per_rank for batch, c in batches if c for s in batch]
+    counted = [s for batches in per_rank for batch in batches if not isinstance(batch, Padding) for s in batch]
     assert sorted(id(s) for s in counted) == sorted(id(s) for s in rows)  # every sample counted exactly once
-    assert plan(rows, budget=64, world=1) == [[(b, True) for b in pack_micro_batches(rows, 64)]]  # one process
-    lonely = plan(rows[:1], budget=64, world=3)  # more ranks than samples: the others run uncounted copies
-    assert [[c for _, c in r] for r in lonely] == [[True], [False], [False]]
+    assert plan(rows, owners(rows, 1, 1), 1, pack) == [pack(rows)]  # one process: the trainer's own packing
+    # two PPO mini-batches: each is split across the ranks (a rank never waits a whole mini-batch for the other)
+    grouped = [Sample(s.turn, s.advantage, "ab"[i // 3]) for i, s in enumerate(rows)]
+    owner = owners(grouped, 2, 2)
+    assert {owner[id(s)] for s in grouped[:3]} == {owner[id(s)] for s in grouped[3:]} == {0, 1}
+    lonely = plan(rows[:1], owners(rows[:1], 1, 3), 3, pack)  # more ranks than samples: the others pad
+    assert [[isinstance(b, Padding) for b in r] for r in lonely] == [[False], [True], [True]]
     with pytest.raises(ValueError, match="without an image"):
-        plan(_rows([5, 5], images=False), budget=64, world=2)
+        bad = _rows([5, 5], images=False)
+        plan(bad, owners(bad, 1, 2), 2, pack)
 
 
 # ----------------------------------------------------------------------------- 2 ranks = 1 process
