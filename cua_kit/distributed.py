@@ -24,8 +24,9 @@ LoRA tensors are kept in fp32 (uniform, so sharding can't fail on "uniform origi
 Every rank's micro-batch carries an image, and every rank runs as many forwards as the others: a rank whose
 micro-batch skipped the vision tower would skip its all-gathers and hang the others (transformers #37186,
 pytorch #152964, verl #3496). `owners` splits each update's mini-batches across ranks balanced by tokens, and
-`plan` pads the ranks that run out with `Padding` micro-batches (a copy of a real sample, counted for nothing). Gradients are summed across ranks (each rank's loss is already weighted
-by its share of the global batch), so N ranks take the same step as one process.
+`plan` pads the ranks that run out with `Padding` micro-batches (a copy of a real sample, counted for
+nothing). Gradients are summed across ranks (each rank's loss is already weighted by its share of the global
+batch), so N ranks take the same step as one process.
 
 Failures: every collective has `launch.collective_timeout_s`. While rank 0 waits for rollouts it pings the other
 ranks every 10 s (`PING_S`), and each ping brings back every rank's stop request (a SIGTERM on any rank stops

@@ -349,5 +349,5 @@ def find_run(runs_dir: str | Path, name: str) -> Path:
 
 
 __all__ = ["ConfigError", "LaunchError", "LaunchedRun", "allowed_config_dirs", "check_config_path", "effective_status",
-           "find_run", "launch_run", "list_configs", "list_runs", "needs_launcher", "needs_torchrun", "pid_alive", "read_launch",
-           "run_command", "run_foreground", "stop_run"]
+           "find_run", "launch_run", "list_configs", "list_runs", "needs_launcher", "needs_torchrun", "pid_alive",
+           "read_launch", "run_command", "run_foreground", "stop_run"]

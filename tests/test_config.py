@@ -35,6 +35,12 @@ def test_unknown_key_names_the_closest(tmp_path):
     ("rollout.temperature=0", "temperature must be > 0"),
     ("lora.groups=[language,vision]", "unknown group 'vision'"),
     ("trainer.learning_rate=fast", "trainer.learning_rate: expected a number"),
+    # layouts (cua_kit/allocation.py): the part it can't use, and what to write
+    ("launch.allocation=fsdp:4", "launch.allocation: can't read 'fsdp:4'; write"),
+    ("launch.allocation=fsdp:d2t2", "tensor parallelism"),
+    ("launch.allocation=vllm:d2t2+fsdp:d4", "drives one server .* vllm:d1t4"),
+    ("launch.allocation=fsdp:d2p2", "pipeline parallelism"),
+    ("launch.node_rank=2", r"launch.node_rank must be in \[0, launch.nnodes\)"),
 ])
 def test_bad_values_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -217,7 +217,8 @@ def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_and_on_one_process(tiny_
 
     samples = _samples(tiny_model_dir)
     warm = _warm_start(tiny_model_dir, tmp_path / "warm")
-    spec = {"model_dir": tiny_model_dir, "warm": warm, "samples": samples, "budget": 4 * max(s.n_tokens for s in samples)}
+    budget = 4 * max(s.n_tokens for s in samples)
+    spec = {"model_dir": tiny_model_dir, "warm": warm, "samples": samples, "budget": budget}
     (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
     mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), "save"), nprocs=2, join=True)
     ckpt = tmp_path / "checkpoints" / "checkpoint-2"
@@ -244,8 +245,8 @@ TIMEOUT_S = 20  # launch.collective_timeout_s of these runs
 
 
 def _train_args(out: Path, *extra: str) -> list[str]:
-    return [str(ROOT / "configs/quickstart.yaml"), f"output_dir={out}", "model.adapter_path=", "trainer.eval_episodes=0",
-            "rollout.max_staleness=0", "rollout.n_samples=2", "trainer.batch_size=1", "rollout.max_turns=2",
+    return [str(ROOT / "configs/quickstart.yaml"), f"output_dir={out}", "model.adapter_path=",
+            "trainer.eval_episodes=0", "rollout.max_staleness=0", "rollout.n_samples=2", "trainer.batch_size=1", "rollout.max_turns=2",
             "rollout.max_new_tokens=12", "rollout.max_concurrent_rollouts=2", "saver.keep_last=10",
             f"launch.collective_timeout_s={TIMEOUT_S}", *extra]
 

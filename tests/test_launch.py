@@ -54,17 +54,6 @@ def test_layouts_parse(text, expected):
     assert allocation.parse(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("fsdp:4", "can't read 'fsdp:4'"),
-    ("fsdp:d2t2", "tensor parallelism"),
-    ("vllm:d2t2+fsdp:d4", "drives one server .* vllm:d1t4"),
-    ("fsdp:d2p2", "pipeline parallelism"),
-])
-def test_bad_layouts_are_refused_at_load_time_with_the_syntax(text, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(QUICKSTART, [f"launch.allocation={text}"])
-
-
 def test_the_layout_becomes_the_command_and_one_that_does_not_fit_is_refused(tmp_path):
     cfg = lambda *o: load_config(QUICKSTART, list(o))  # noqa: E731
     argv, env = launch.run_command(QUICKSTART, ["trainer.max_steps=2"], cfg("trainer.max_steps=2"), {})
