@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from cua_kit.checkpoint import export_adapter, rng_state, save_adapter, set_rng_state
-from cua_kit.config import Config
+from cua_kit.config import Config, ConfigError
 from cua_kit.grpo.trainer import GRPOTrainer, Padding, Sample, split_minibatches
 
 
@@ -79,6 +79,9 @@ class Ranks:
 def init(cfg: Config) -> Ranks:
     """Join the process group torchrun described (RANK, WORLD_SIZE, MASTER_ADDR...): NCCL on GPUs, gloo on the CPU."""
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if ":" in cfg.model.device:
+        raise ConfigError(f"model.device={cfg.model.device} would put every rank on one GPU: use model.device=cuda "
+                          "(each rank takes its own, LOCAL_RANK) or auto")
     cuda = cfg.model.device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)  # model.device=cuda then means this rank's own GPU
@@ -271,6 +274,8 @@ class ShardedTrainer(GRPOTrainer):
     On rank 0, `update`, `export`, `save` and `load` first tell the other ranks (`Channel.command`)."""
 
     def __init__(self, policy, grpo, trainer, sampling, ranks: Ranks, channel: Channel):
+        if trainer.compile:  # compiled layers (issue 16) swap each layer's call, which FSDP2's hooks wrap: untested
+            raise ConfigError("trainer.compile is not supported on FSDP ranks yet; set trainer.compile=false")
         shard(policy.model, torch.bfloat16 if policy.dtype != torch.float32 else torch.float32)
         super().__init__(policy, grpo, trainer, sampling)
         self.ranks, self.channel = ranks, channel

@@ -97,8 +97,9 @@ def needs_torchrun(cfg: Config) -> bool:
 
 def needs_launcher(cfg: Config) -> bool:
     """A layout (launch.allocation or several nodes) that `run_command` must place, unless this process is what it
-    started already."""
-    return (bool(cfg.launch.allocation.strip()) or cfg.launch.nnodes > 1) and not os.environ.get(LAUNCHED_ENV)
+    started already, or a worker of a torchrun the user started (LOCAL_RANK set): it runs as torchrun placed it."""
+    placed = os.environ.get(LAUNCHED_ENV) or "LOCAL_RANK" in os.environ
+    return (bool(cfg.launch.allocation.strip()) or cfg.launch.nnodes > 1) and not placed
 
 
 def run_command(config: Path | str | None, overrides: list[str], cfg: Config,

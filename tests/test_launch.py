@@ -83,6 +83,16 @@ def test_the_layout_becomes_the_command_and_one_that_does_not_fit_is_refused(tmp
     assert not runs.exists() or not list(runs.rglob("launch.json"))
 
 
+def test_the_processes_a_launcher_placed_never_launch_again(monkeypatch):
+    cfg = load_config(QUICKSTART, ["launch.allocation=fsdp:d2"])
+    assert launch.needs_launcher(cfg)  # `cua-kit train` places this layout
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a worker of a torchrun the user started: it runs where torchrun put it
+    assert not launch.needs_launcher(cfg)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv(launch.LAUNCHED_ENV, "1")  # what run_command started
+    assert not launch.needs_launcher(cfg)
+
+
 def test_replaced_keys_and_unplaced_layouts_say_what_to_run(tmp_path):
     with pytest.raises(ConfigError, match="launch.n_gpus was replaced by launch.allocation"):
         load_config(QUICKSTART, ["launch.n_gpus=4"])
