@@ -261,6 +261,8 @@ def run_kit(policy: LoadedModel, rows: list, args: argparse.Namespace, mods: set
 
     warmup = max(args.warmup, 3) if "compile" in mods else args.warmup  # compiles (and recompiles once) first
     times, stats = time_steps(step, device, warmup, args.steps)
+    if "fsdp" in mods:
+        trainer.channel.close()  # its keep-alive thread ends with the path
     result = {"times_s": times, "peak_gib": peak_gib(device), "last_update": stats, "losses": losses,
               "n_params": count(peft_model), "n_trainable": count(peft_model, trainable=True)}
     if reference_s:

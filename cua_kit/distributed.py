@@ -208,13 +208,15 @@ class Channel:
             raise self._fail(exc) from exc
         return box[0], box[1]
 
-    def close(self, name: str = "stop") -> None:
-        """Rank 0: tell the other ranks to exit ("stop") or that the run failed ("abort"); then no more pings."""
+    def close(self, finished: bool = True) -> None:
+        """No more pings; rank 0 of a run that ended well tells the other ranks to exit ("stop"). After a failure
+        it sends nothing (the others may be anywhere, even inside a collective): its exit closes its connections,
+        and the others stop on that at once (`RankLost`)."""
         self._closed.set()
-        if self.ranks.rank == 0 and self.lost is None:
+        if self.ranks.rank == 0 and self.lost is None and finished:
             with self._lock:
                 with contextlib.suppress(RankLost):
-                    self._exchange(name, None)
+                    self._exchange("stop", None)
 
     def _exchange(self, name: str, payload: Any) -> None:
         try:
@@ -344,13 +346,13 @@ class ShardedTrainer(GRPOTrainer):
 
 # ----------------------------------------------------------------------------- the processes
 def follow(trainer: ShardedTrainer, channel: Channel) -> str:
-    """The other ranks' loop: do rank 0's commands until "stop" ("finished") or "abort" / a lost rank ("failed")."""
+    """The other ranks' loop: do rank 0's commands until "stop" ("finished"); a lost rank 0 raises `RankLost`."""
     while True:
         name, payload = channel.receive()
         if name == "ping":
             continue
-        if name in ("stop", "abort"):
-            return "finished" if name == "stop" else "failed"
+        if name == "stop":
+            return "finished"
         getattr(trainer, name)(payload)
 
 
@@ -376,8 +378,9 @@ def train(cfg: Config) -> dict[str, Any]:
     except RankLost as exc:  # already said on stderr (`Channel._fail`)
         return {"status": "failed", "rank": ranks.rank, "run_dir": str(cfg.run_dir), "error": str(exc)}
     finally:
-        channel.close("stop" if status in ("finished", "stopped") else "abort")
-        with contextlib.suppress(Exception):
+        finished = status in ("finished", "stopped")
+        channel.close(finished)
+        if finished:  # after a failure a peer may still be inside a collective: the process exit tears down instead
             dist.destroy_process_group()
 
 

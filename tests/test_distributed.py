@@ -148,7 +148,7 @@ def _rank_main(rank: int, world: int, port: int, work: str, mode: str) -> None:
             stats += _train(trainer, spec["samples"], 1)
         trainer.export(Path(work, f"adapters-{mode}"))
         Path(work, f"stats-{mode}.json").write_text(json.dumps(stats))
-        channel.close("stop")
+        channel.close()
     else:
         assert distributed.follow(trainer, channel) == "finished"
     torch.distributed.destroy_process_group()
