@@ -38,6 +38,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def engine_vllm(args) -> dict:
 
     def generate(prompts, n: int):
         sp = SamplingParams(temperature=0.7, top_p=1.0, max_tokens=n, min_tokens=n, ignore_eos=True,
-                            detokenize=False, seed=0)
+                            detokenize=False)  # no per-request seed: seeded requests take a slower sampling path
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -310,6 +311,8 @@ def main() -> None:
     ap.add_argument("--engines", default="vllm,hf,unsloth")
     ap.add_argument("--gpu-memory", type=float, default=0.5, help="vLLM gpu_memory_utilization")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per engine process")
+    ap.add_argument("--budget", type=float, default=0, help="seconds for the whole run (0: no limit): an engine "
+                    "gets at most what is left, and is skipped when under 60 s are left")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--shape", default="8b", help="bench/train_step.py SHAPES key (tiny: CPU smoke tests)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for smoke tests of --engines hf")
@@ -344,19 +347,38 @@ def main() -> None:
                      "transformers": transformers.__version__, "python": platform.python_version(),
                      "copy_bandwidth_Bps": bandwidth, "model": meta, "args": {k: str(v) for k, v in vars(args).items()},
                      "engines": {}}
+    t_start = time.perf_counter()
     for engine in args.engines.split(","):
+        timeout = args.timeout
+        if args.budget:
+            left = args.budget - (time.perf_counter() - t_start)
+            if left < 60:
+                log(f"engine {engine}: skipped, {left:.0f} s of --budget left")
+                results["engines"][engine] = {"error": "skipped: out of --budget"}
+                continue
+            timeout = int(min(timeout, left - 5))
         cmd = [sys.executable, __file__, "--engine", engine, "--model-dir", str(args.model_dir),
                "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--gpu-memory",
                str(args.gpu_memory), "--image-pad-id", str(args.image_pad_id), "--device", args.device,
                "--batch", *map(str, args.batch)]
         log(f"engine {engine}: start")
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            out, err, rc = exc.stdout or "", exc.stderr or "", "timeout"
-            out, err = (s.decode() if isinstance(s, bytes) else s for s in (out, err))
+        # the engine's output is echoed as it comes (a long run shows where it is) and kept for the JSON
+        # in its own process group: a timeout (or a leftover vLLM engine-core child) is ended with the group
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        timer = threading.Timer(timeout, kill_group, (proc,))
+        timer.start()
+        lines = []
+        for text_line in proc.stdout:
+            lines.append(text_line)
+            if not text_line.startswith("RESULT "):
+                print(f"  [{engine}] {text_line}", end="", flush=True)
+        rc = proc.wait()
+        rc = "timeout" if not timer.is_alive() and rc != 0 else rc
+        timer.cancel()
+        kill_group(proc)
+        out, err = "".join(lines), ""
         line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
         wall = round(time.perf_counter() - t0, 1)
         if line:
@@ -370,6 +392,13 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results, args.new_tokens)
     Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def print_table(results: dict, new_tokens: int) -> None:

@@ -16,7 +16,8 @@
 #
 #   bash bench/carry/pack.sh /tmp/carry-parts       # ~15 min on 2 cores, mostly xz
 # Env: VLLM_WHEEL (default /work/wheels/vllm-0.26.0-...whl, else downloaded), CARRY_WORK (build folder,
-# default /tmp/cua-carry-work), XZ_THREADS (default 2), PART_MIB (default 58).
+# default /tmp/cua-carry-work), XZ_THREADS (default 2), PART_MIB (default 58); SKIP_BUILD=1 reuses the
+# trimmed folders already in CARRY_WORK, and PACK="deps unsloth" re-packs only those archives.
 set -euo pipefail
 OUT=${1:?usage: bash bench/carry/pack.sh OUTDIR}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -35,7 +36,8 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp
 # (torch, torchvision, torchaudio, transformers, numpy, tokenizers, triton, numba, grpcio, aiohttp, ...)
 # and minus the kernel packages in DROPPED_DEPS below. xgrammar/apache-tvm-ffi: vLLM pins tvm-ffi 0.1.10
 # for flashinfer/tilelang (both dropped; vLLM itself never imports tvm_ffi); the kit needs xgrammar>=0.2.8,
-# which needs tvm-ffi>=0.1.11, so the kit's pair is carried instead.
+# which needs tvm-ffi>=0.1.11, so the kit's pair is carried instead. typing-extensions is on the machine,
+# but pydantic 2.14 needs >=4.14.1 and the machine's version is not recorded: the carried one shadows it.
 VLLM_DEPS=(
   agent-detector==2.0.0 annotated-types==0.8.0 anthropic==2.16.0 apache-tvm-ffi==0.1.15.post2 astor==0.8.1
   blake3==1.0.11 cachetools==8.0.2 cbor2==6.3.0 cffi==2.1.1 compressed-tensors==0.17.0 cryptography==50.0.2
@@ -56,7 +58,7 @@ VLLM_DEPS=(
   python-json-logger==4.2.0 python-multipart==0.0.34 pyzmq==27.3.0 referencing==0.37.0 rich-toolkit==0.20.6
   rignore==0.8.1 rpds-py==2026.9.1 sentry-sdk==2.75.0 setproctitle==1.3.8 sniffio==1.3.1 sse-starlette==3.7.1
   starlette==1.10.0 supervisor==4.3.0 truststore==0.10.5 typing-inspection==0.4.5 uvicorn==0.55.0
-  watchfiles==1.3.0 websockets==17.4 xgrammar==0.2.9
+  watchfiles==1.3.0 websockets==17.4 xgrammar==0.2.9 typing-extensions==4.16.0
 )
 # Resolved the same way but NOT carried (what they are for, and why an 8B dense bf16 Qwen3-VL on sm_90
 # never loads them: every import of them in vLLM 0.26.0 is lazy or guarded by find_spec/try):
@@ -105,8 +107,9 @@ UNSLOTH_DEPS=(unsloth==2026.10.7 unsloth-zoo==2026.10.7 trl==1.15.0 datasets==4.
 # studio/: Unsloth's web UI (only unsloth_cli imports it); bitsandbytes: keep the CUDA 13.0 and CPU
 # libraries, drop those for CUDA 11.8-12.8/13.2, ROCm and XPU (torch 2.11+cu130 loads the cuda130 one).
 
-rm -rf "$WORK" && mkdir -p "$WORK"/wheels "$WORK"/wheels-u "$WORK"/vllm "$WORK"/deps "$WORK"/unsloth "$OUT"
-pipq() { "$PY" -m pip "$@" 2>&1 | grep -v "is ignored" || true; }
+pipq() { "$PY" -m pip "$@" 2>&1 | grep -v -e "is ignored" -e "Running pip as the 'root' user" || true; }
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+rm -rf "$WORK" && mkdir -p "$WORK"/wheels "$WORK"/wheels-u "$WORK"/vllm "$WORK"/deps "$WORK"/unsloth
 
 echo "== download"
 if [ ! -f "$VLLM_WHEEL" ]; then pipq download -q --no-deps "${PLAT[@]}" -d "$WORK/wheels-v" vllm==0.26.0; VLLM_WHEEL=$(ls "$WORK"/wheels-v/vllm-*.whl); fi
@@ -129,9 +132,11 @@ rm -rf "$WORK/unsloth/studio"
 find "$WORK/unsloth/bitsandbytes" -maxdepth 1 -name 'libbitsandbytes_*.so' ! -name '*_cuda130.so' ! -name '*_cpu.so' -delete
 echo "trimmed: vllm $(du -sm "$WORK/vllm" | cut -f1) MB, deps $(du -sm "$WORK/deps" | cut -f1) MB, unsloth $(du -sm "$WORK/unsloth" | cut -f1) MB"
 
+fi
+
 echo "== pack (xz -9e, $XZ_THREADS threads) and split into pieces of at most $PART_MIB MiB"
-mkdir -p "$WORK/packed"
-for name in vllm deps unsloth; do
+mkdir -p "$WORK/packed" "$OUT"
+for name in ${PACK:-vllm deps unsloth}; do
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$WORK/$name" -cf - . \
     | xz -9e -T"$XZ_THREADS" > "$WORK/packed/$name.tar.xz"
   echo "  $name.tar.xz: $(stat -c %s "$WORK/packed/$name.tar.xz") bytes"
