@@ -155,6 +155,12 @@ def make_requests(processor, n: int) -> list:
 # ---------------------------------------------------------------- engines (each in its own process)
 
 def engine_vllm(args) -> dict:
+    import importlib.util
+
+    if importlib.util.find_spec("flashinfer") is None:
+        # vLLM 0.26's samplers import its FlashInfer backend (hence flashinfer) unless this is 0; the carry
+        # (bench/carry/pack.sh) leaves flashinfer out, and on sm_90 vLLM falls back to its PyTorch sampler
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     import vllm
     from vllm import LLM, SamplingParams
 
@@ -218,7 +224,10 @@ def engine_hf(args) -> dict:
     from cua_kit.config import LoraConfig, ModelConfig
     from cua_kit.inference.base import GenerationRequest, SamplingParams
     from cua_kit.inference.hf import HFPolicy
-    from cua_kit.models.loader import load_policy
+    try:
+        from cua_kit.models.loader import load_model
+    except ImportError:  # the loader's name before it was renamed
+        from cua_kit.models.loader import load_policy as load_model
 
     class Stamps(StoppingCriteria):
         """Never stops; records the wall time at which each token was generated."""
@@ -231,7 +240,7 @@ def engine_hf(args) -> dict:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     start = time.perf_counter()
-    loaded = load_policy(ModelConfig(name=str(args.model_dir), device=args.device), LoraConfig(enabled=False))
+    loaded = load_model(ModelConfig(name=str(args.model_dir), device=args.device), LoraConfig(enabled=False))
     log(f"hf model loaded in {time.perf_counter() - start:.0f} s")
     prompts = make_requests(loaded.processor, max(args.batch))
     n = args.new_tokens

@@ -8,7 +8,10 @@
 # own call, back to back (files under /tmp survive while the machine stays warm, ~30 s after a call), each
 # call copying its part to /tmp/carry; the last call runs this script.
 #   bash install.sh                 # CARRY=/tmp/carry SITE=/tmp/site by default
-#   export PYTHONPATH=/tmp/site     # then: python3 -c "import vllm"
+#   export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0   # then: python3 -c "import vllm"
+# VLLM_USE_FLASHINFER_SAMPLER=0: the carry leaves flashinfer out (pack.sh says why) and vLLM 0.26's samplers
+# import its FlashInfer backend unless this is 0 (seen: "No module named 'flashinfer'" at engine start).
+# IMPORT_CHECK=0 skips the import check (~35 s of device time) where it was already seen to pass.
 set -euo pipefail
 CARRY=${CARRY:-/tmp/carry}
 SITE=${SITE:-/tmp/site}
@@ -43,5 +46,6 @@ for n in names:
     except md.PackageNotFoundError:
         print(f"  {n:14s} (not installed)")
 PY
+[ "${IMPORT_CHECK:-1}" = 0 ] && exit 0
 python3 -c "import unsloth, trl, vllm; print('import check: vllm', vllm.__version__, '| unsloth', unsloth.__version__, '| trl', trl.__version__)" || {
   for m in vllm trl unsloth; do python3 -c "import $m; print('import $m: ok')" 2>&1 | tail -4; done; exit 1; }

@@ -63,7 +63,9 @@ VLLM_DEPS=(
 # Resolved the same way but NOT carried (what they are for, and why an 8B dense bf16 Qwen3-VL on sm_90
 # never loads them: every import of them in vLLM 0.26.0 is lazy or guarded by find_spec/try):
 #   flashinfer-python, nvidia-cudnn-frontend, cuda-tile, torch-c-dlpack-ext: FlashInfer attention/sampling/
-#     MoE; on sm_90 vLLM picks FlashAttention 3 and its PyTorch top-k/top-p sampler (has_flashinfer()).
+#     MoE; on sm_90 vLLM picks FlashAttention 3. One import is not guarded: the samplers'
+#     flashinfer_sampler_supported() (vllm/v1/sample/ops/topk_topp_sampler.py) imports the FlashInfer
+#     backend unless VLLM_USE_FLASHINFER_SAMPLER=0, so set that (vLLM then samples in PyTorch).
 #   nvidia-cutlass-dsl(-libs-base/-core/-cu12/-cu13), quack-kernels, nvidia-cuda-nvdisasm: CuTe-DSL kernels
 #     (FA4, MoE router GEMM, Mamba/GDN, DeepSeek-V4 ops), each behind `import cutlass` in a try.
 #   tokenspeed-mla, tokenspeed-triton: MLA (DeepSeek) decode kernels.
