@@ -79,7 +79,7 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 # ---------------------------------------------------------------- the model folder
 
 def build(model_dir: Path, shape: str = "8b", device: str = "cuda") -> None:
-    """8B-shaped (or --shape) Qwen3-VL with random bf16 weights built on the GPU, saved with the kit's processor."""
+    """8B-shaped (or --shape) Qwen3-VL, random bf16 weights built on the GPU, saved with the processor."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -105,7 +105,8 @@ def build(model_dir: Path, shape: str = "8b", device: str = "cuda") -> None:
     decode_params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n) \
         + model.lm_head.weight.numel()
     meta = {"n_params": sum(p.numel() for p in model.parameters()), "decode_weight_bytes": 2 * decode_params,
-            "layers": config.text_config.num_hidden_layers, "kv_heads": config.text_config.num_key_value_heads,
+            "layers": config.text_config.num_hidden_layers,
+            "kv_heads": config.text_config.num_key_value_heads,
             "head_dim": config.text_config.head_dim, "vocab": config.text_config.vocab_size,
             "tokenizer_vocab": len(tok), "build_s": None}
     model.save_pretrained(model_dir, max_shard_size="4GB")
@@ -176,8 +177,9 @@ def engine_vllm(args) -> dict:
     log(f"vllm {vllm.__version__} ready in {startup_s:.0f} s")
 
     def generate(prompts, n: int):
+        # no per-request seed: seeded requests take a slower sampling path
         sp = SamplingParams(temperature=0.7, top_p=1.0, max_tokens=n, min_tokens=n, ignore_eos=True,
-                            detokenize=False)  # no per-request seed: seeded requests take a slower sampling path
+                            detokenize=False)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -248,7 +250,8 @@ def engine_hf(args) -> dict:
     for b in args.batch:
         stamps = Stamps()
         policy = HFPolicy(loaded, max_batch=b, kv_cache="static",
-                          generate_kwargs={"min_new_tokens": n, "stopping_criteria": StoppingCriteriaList([stamps])})
+                          generate_kwargs={"min_new_tokens": n,
+                                           "stopping_criteria": StoppingCriteriaList([stamps])})
         requests = [GenerationRequest(p.ids, p.images, SamplingParams(0.7, 1.0, 0, n)) for p in prompts[:b]]
         t0 = time.perf_counter()
         policy.generate_sync(requests)  # warm-up: compiles the static-cache decode step for this shape
@@ -320,16 +323,18 @@ def main() -> None:
     ap.add_argument("--engines", default="vllm,hf,unsloth")
     ap.add_argument("--gpu-memory", type=float, default=0.5, help="vLLM gpu_memory_utilization")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per engine process")
-    ap.add_argument("--budget", type=float, default=0, help="seconds for the whole run (0: no limit): an engine "
-                    "gets at most what is left, and is skipped when under 60 s are left")
+    ap.add_argument("--budget", type=float, default=0,
+                    help="seconds for the whole run (0: no limit): an engine gets at most what is left, "
+                    "and is skipped when under 60 s are left")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--shape", default="8b", help="bench/train_step.py SHAPES key (tiny: CPU smoke tests)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for smoke tests of --engines hf")
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine in this process
     ap.add_argument("--image-pad-id", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="outputs/bench/decode_vllm.json")
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from several runs' JSON files "
-                    "(e.g. the engines run in separate calls on the same machine), then exit")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="print one table from several runs' JSON files (e.g. the engines run in separate "
+                    "calls on the same machine), then exit")
     args = ap.parse_args()
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -352,9 +357,11 @@ def main() -> None:
     from cua_kit.models.loader import load_processor
 
     args.image_pad_id = load_processor(str(args.model_dir)).tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                     "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version(),
-                     "copy_bandwidth_Bps": bandwidth, "model": meta, "args": {k: str(v) for k, v in vars(args).items()},
+                     "copy_bandwidth_Bps": bandwidth, "model": meta,
+                     "args": {k: str(v) for k, v in vars(args).items()},
                      "engines": {}}
     t_start = time.perf_counter()
     for engine in args.engines.split(","):
@@ -414,8 +421,10 @@ def print_table(results: dict, new_tokens: int) -> None:
     meta, bw = results["model"], results["copy_bandwidth_Bps"]
     print(f"\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
           f"vllm {results['engines'].get('vllm', {}).get('vllm', '-')}; copy bandwidth {bw / 1e12:.2f} TB/s; "
-          f"model {meta['n_params'] / 1e9:.2f}B, decode reads {meta['decode_weight_bytes'] / 1e9:.1f} GB of weights")
-    print(f"{'engine':<10}{'batch':>6}{'ms/step':>9}{'tok/s':>8}{'prefill s':>10}{'limit ms':>9}{'of limit':>9}{'vs hf':>7}")
+          f"model {meta['n_params'] / 1e9:.2f}B, decode reads {meta['decode_weight_bytes'] / 1e9:.1f} GB "
+          "of weights")
+    print(f"{'engine':<10}{'batch':>6}{'ms/step':>9}{'tok/s':>8}{'prefill s':>10}{'limit ms':>9}"
+          f"{'of limit':>9}{'vs hf':>7}")
     hf = {r["batch"]: r["ms_per_step"] for r in results["engines"].get("hf", {}).get("rows", [])}
     for name in ("vllm", "hf"):
         for r in results["engines"].get(name, {}).get("rows", []):

@@ -105,7 +105,8 @@ def main() -> None:
             listing(path)
             continue
         zeroed, kept = prune(path, args.arch)
-        print(f"{path}: zeroed {zeroed / 2**20:.1f} MiB of kernels for other GPUs, kept {kept / 2**20:.1f} MiB")
+        print(f"{path}: zeroed {zeroed / 2**20:.1f} MiB of kernels for other GPUs, "
+              f"kept {kept / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":
