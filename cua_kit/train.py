@@ -184,11 +184,17 @@ class TrainingRun:
         await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
-        """The next batch, or None when a stop was requested first."""
+        """The next batch, or None when a stop was requested first; raises the backend's error if it broke for good
+        (a vLLM server that could not be restarted)."""
         getter = asyncio.ensure_future(controller.get_batch())
         stopper = asyncio.ensure_future(self.stop_requested.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        broken = asyncio.ensure_future(self.policy.failed())
+        done, _ = await asyncio.wait({getter, stopper, broken}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        broken.cancel()
+        if broken in done:
+            getter.cancel()
+            raise broken.result()
         if getter in done and not self.stop_requested.is_set():
             return getter.result()
         getter.cancel()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cua_kit.inference.base import Completion, GenerationRequest, SamplingParams
+from cua_kit.inference.base import Completion, GenerationRequest, SamplingParams, decode_completion
 from cua_kit.inference.distribution import DistributionProcessor, hf_sampling_kwargs
 from cua_kit.models.inputs import Row, collate, vision_special_ids
 from cua_kit.models.loader import LoadedModel
@@ -74,6 +74,11 @@ class HFPolicy:
     def stats(self) -> dict[str, float]:
         return {"gen_calls": float(len(self.batch_sizes)), "gen_requests": float(sum(self.batch_sizes)),
                 "gen_busy_s": self.busy_s}
+
+    async def failed(self) -> BaseException:
+        """In-process generation has no server to lose: never returns."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         """(open, idle), made on first use in the running loop: both start set."""
@@ -186,10 +191,8 @@ class HFPolicy:
         end = next((i + 1 for i, t in enumerate(ids) if t in self._eos), None)
         finish = "stop" if end is not None else "length"
         ids = ids[:end] if end is not None else ids
-        text = self.loaded.tokenizer.decode(ids, skip_special_tokens=False)
-        for eos in ("<|im_end|>", "<|endoftext|>"):
-            text = text.removesuffix(eos)
-        return Completion(ids, logprobs[: len(ids)].tolist(), text, version, finish)
+        return Completion(ids, logprobs[: len(ids)].tolist(), decode_completion(self.loaded.tokenizer, ids), version,
+                          finish)
 
 
 STATIC_WIDTH = 64  # kv_cache=static: prompt widths are rounded up to a multiple of this

