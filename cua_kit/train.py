@@ -220,6 +220,8 @@ class TrainingRun:
             "n_env_errors": delta["env_errors"],
             "n_samples": stats["n_samples"], "update_s": stats["update_s"],
             "turns_per_episode": float(np.mean([len(e.turns) for g in batch for e in g.valid])) if rewards else 0.0,
+            # the generation engine's log-probs against the trainer's on fresh samples (when a step was taken)
+            **{k: v for k, v in stats.items() if k.startswith("logprob_gap_")},
             **self._generation_stats(),
         }
 

@@ -68,10 +68,10 @@ def server(loop, vllm_python, tiny_model_dir, tmp_path_factory):
 
 
 def tiny(model_dir: Path, seed: int | None = 0, grammar: bool = False) -> LoadedModel:
-    """The tiny model with a LoRA whose B matrices are random (seed) on all three groups (None: no LoRA)."""
+    """The tiny model with a LoRA whose A and B matrices are random (seed) on all three groups (None: no LoRA)."""
+    torch.manual_seed(seed or 0)  # peft draws the A matrices at load time
     loaded = load_model(ModelConfig(name=str(model_dir), device="cpu"), LoraConfig(r=4, alpha=8, enabled=seed is not None))
     if seed is not None:
-        torch.manual_seed(seed)
         with torch.no_grad():
             for name, param in loaded.model.named_parameters():
                 if "lora_B" in name:
@@ -228,3 +228,131 @@ def test_an_update_interrupts_a_turn_which_continues_on_the_new_version(loop, se
                 param.copy_(old[name])
     before = rescored(loaded, reqs, [got], SamplingParams(1.0))[0]  # the old weights
     assert max(abs(a - b) for a, b in zip(got.logprobs[:split], before[:split])) < 1e-3
+
+
+def test_an_update_restarts_a_constrained_turn_on_the_new_version(loop, server, tiny_model_dir, tmp_path):
+    """Under the action grammar the partial tokens can't be continued (vLLM starts a grammar at the prompt's end):
+    the interrupted turn is generated again, wholly on the new version. (Seed 5's greedy call writes a 1500-token
+    number: long enough to interrupt.)"""
+    loaded = tiny(tiny_model_dir, seed=5, grammar=True)
+    _, ps = prompts(loaded, 1)
+    reqs = requests(ps, SamplingParams(0.0, 1.0, 0, 1500))
+    v1 = export_adapter(loaded.model, tmp_path / "adapters", 1)
+    v2 = export_adapter(loaded.model, tmp_path / "adapters", 2)
+    policy = client(loaded, server, tmp_path)
+
+    async def interrupted():
+        await policy.update_weights(1, v1)
+        turn = asyncio.create_task(policy.generate(reqs))
+        await asyncio.sleep(2.0)
+        assert not turn.done(), "the turn finished before the update could interrupt it"
+        await policy.update_weights(2, v2)
+        return (await turn)[0]
+
+    got = loop.run_until_complete(interrupted())
+    loop.run_until_complete(policy.close())
+    assert (got.version, got.token_versions, policy.stats()["vllm_resubmits"]) == (2, None, 1)
+    assert max_gap([got.logprobs], rescored(loaded, reqs, [got], SamplingParams(1.0))) < 1e-3
+
+
+# ----------------------------------------------------------------------------- GRPO runs through vLLM
+def train_cmd(model_dir: Path, python: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cua_kit.cli", "train", str(ROOT / "configs/quickstart.yaml"),
+            f"model.name={model_dir}", "model.device=cpu", "model.adapter_path=", "lora.r=4", "lora.alpha=8",
+            "rollout.backend=vllm", f"vllm.python={python}", "vllm.extra_args=[--enforce-eager]",
+            "vllm.max_model_len=4096", f"output_dir={out}", "trainer.eval_episodes=0", *SMALL_RUN, *extra]
+
+
+# Constrained calls of the random tiny model are 40-90 tokens: at 60 about half are cut and penalised, so groups
+# have a reward spread (a group without one is filtered: every step then has a gradient and a log-prob gap).
+SMALL_RUN = ("trainer.max_steps=3", "trainer.batch_size=1", "rollout.n_samples=4", "rollout.max_staleness=0",
+             "rollout.max_concurrent_rollouts=4", "saver.freq_steps=0", "rollout.max_new_tokens=60",
+             "rollout.format_penalty=0.5", "rollout.filter_zero_variance=true")
+
+
+def db_rows(run_dir: Path, sql: str):
+    with sqlite3.connect(f"file:{run_dir / 'trace.db'}?mode=ro", uri=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_a_grpo_run_through_vllm_writes_a_consistent_trace(server, vllm_python, tiny_model_dir, tmp_path):
+    """`cua-kit train` with rollout.backend=vllm on the module's server (vllm.api_base), 3 synchronous steps."""
+    out = tmp_path / "out"
+    proc = subprocess.run(train_cmd(tiny_model_dir, vllm_python, out, f"vllm.api_base={server.url}"),
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = out / "quickstart/trial0"
+    assert db_rows(run, "select status from runs") == [("finished",)]
+    steps = db_rows(run, "select step, version, extra_json from steps order by step")
+    assert [(s, v) for s, v, _ in steps] == [(1, 1), (2, 2), (3, 3)]
+    for _, _, extra in steps:
+        extra = json.loads(extra)
+        # every sample is fresh (max_staleness 0): vLLM's log-probs against the trainer's, same weights and tokens
+        assert extra["logprob_gap_abs"] < 1e-3 and extra["vllm_tokens"] > 0 and extra["gen_requests"] >= 4
+    groups = db_rows(run, "select group_id, step from groups where step is not null order by step")  # consumed
+    assert [s for _, s in groups] == [1, 2, 3]
+    for group_id, step in groups:
+        episodes = db_rows(run, f"select episode_id, status, n_turns from episodes where group_id = '{group_id}'")
+        assert len(episodes) == 4 and all(status != "policy_error" for _, status, _ in episodes)
+        for episode_id, _, n_turns in episodes:
+            turns = db_rows(run, f"select version, staleness, n_completion_tokens, parse_error from turns "
+                                 f"where episode_id = '{episode_id}'")
+            assert len(turns) == n_turns >= 1
+            for version, staleness, n_tokens, parse_error in turns:
+                assert (version, staleness) == (step - 1, 0) and n_tokens > 0
+                assert parse_error is None or n_tokens == 60  # constrained actions: only a cut call fails to parse
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["v2", "v3"]
+    assert not (run / "vllm.log").exists()  # an external server: the kit started nothing
+
+
+def test_a_killed_server_is_restarted_and_the_run_finishes(vllm_python, tiny_model_dir, tmp_path):
+    """The kit's own server, SIGKILLed (its API process alone, as a crash would) after the first step."""
+    from cua_kit.train import TrainingRun
+
+    cfg = run_config(tiny_model_dir, vllm_python, tmp_path / "out", *SMALL_RUN)
+
+    async def main():
+        run = TrainingRun(cfg)
+
+        async def kill_after_step_one():
+            while run.state.step < 1:
+                await asyncio.sleep(0.05)
+            os.kill(run.policy.server.proc.pid, signal.SIGKILL)
+
+        killer = asyncio.create_task(kill_after_step_one())
+        summary = await run.main()
+        await killer
+        return run, summary
+
+    run, summary = asyncio.run(main())
+    assert (summary["status"], summary["step"]) == ("finished", 3)
+    assert run.policy.server.restarts == 1 and run.policy.server.proc is None  # restarted once; stopped at the end
+    log = (cfg.run_dir / "vllm.log").read_text()
+    assert log.count("cua-kit: starting vLLM server") == 2
+    extras = [json.loads(e) for (e,) in db_rows(cfg.run_dir, "select extra_json from steps order by step")]
+    assert sum(e["vllm_restarts"] for e in extras) == 1
+
+
+def test_a_taken_port_stops_the_run_with_the_servers_own_error(vllm_python, tiny_model_dir, tmp_path):
+    from cua_kit.train import TrainingRun
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = run_config(tiny_model_dir, vllm_python, tmp_path / "out", *SMALL_RUN, f"vllm.port={port}")
+        with pytest.raises(ServerStartError) as error:
+            asyncio.run(TrainingRun(cfg).main())
+    message = str(error.value)
+    assert "Address already in use" in message.splitlines()[0]  # vLLM's own words, first
+    assert f"--- last lines of {cfg.run_dir / 'vllm.log'} ---" in message
+
+
+def test_a_bad_model_path_fails_the_start_with_the_servers_own_error(vllm_python, tiny_model_dir, tmp_path):
+    cfg = run_config(tiny_model_dir, vllm_python, tmp_path / "out", f"model.name={tmp_path / 'no-such-model'}")
+    server = vllm_server(cfg)
+    with pytest.raises(ServerStartError) as error:
+        asyncio.run(server.start())
+    first = str(error.value).splitlines()[0]
+    assert "exited with code" in first and "no-such-model" in str(error.value)
+    assert server.proc is None  # nothing left running

@@ -53,7 +53,12 @@ MAX_LOADED_ADAPTERS = 4  # vLLM LoRA slots: the served version, plus older ones 
 
 
 class _Lost(Exception):
-    """The server could not be reached: it died (or, for an external one, is down)."""
+    """The server could not be reached: it died (or, for an external one, is down). `unsent`: the request never
+    reached it (connection refused), so sending it again is safe."""
+
+    def __init__(self, message: str, unsent: bool):
+        super().__init__(message)
+        self.unsent = unsent
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class _Adapter:
 class _Result:
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # stop | length | abort
+    finish_reason: str  # stop | length | abort (by the kit, for an update) | unsent (the server was down)
 
 
 class VLLMPolicy:
@@ -169,6 +174,7 @@ class VLLMPolicy:
         logprobs: list[float] = []
         versions: list[int] = []
         base_id = uuid.uuid4().hex
+        resent = False
         for attempt in itertools.count():
             budget = request.sampling.max_new_tokens - len(tokens)
             if budget <= 0:
@@ -178,6 +184,11 @@ class VLLMPolicy:
             interrupted = rid in self._interrupted
             self._interrupted.discard(rid)
             version = adapter.version if adapter is not None else self._version
+            if result.finish_reason == "unsent":  # the server was down; it is back: send it again, once
+                if resent:
+                    raise PolicyError("vLLM request could not be sent twice: the server is down")
+                resent = True
+                continue
             if result.finish_reason == "abort":
                 if not interrupted:
                     raise PolicyError(f"vLLM aborted request {rid} (not the kit)")
@@ -220,13 +231,14 @@ class VLLMPolicy:
             try:
                 out = await self._post("/cua/generate", body)
             except _Lost as lost:
-                self.counts["vllm_lost_requests"] += 1
                 try:
                     await self._recover()
                 except ServerStartError as exc:
                     raise PolicyError(f"vLLM request lost ({lost}); the server could not be restarted") from exc
-                raise PolicyError(f"vLLM request lost ({lost}); the server was "
-                                  f"{'restarted' if self.server.owned else 'unreachable'}") from None
+                if lost.unsent:
+                    return _Result([], [], "unsent")
+                self.counts["vllm_lost_requests"] += 1
+                raise PolicyError(f"vLLM request lost ({lost}) with the server") from None
             except RuntimeError as exc:
                 raise PolicyError(str(exc)) from exc
         finally:
@@ -291,15 +303,19 @@ class VLLMPolicy:
                 await self.server.start()  # ServerStartError: the run stops with the server's own words
                 self._started = True
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST to the server: _Lost when it can't be reached (died), RuntimeError on an error answer."""
+    def _http(self) -> httpx.AsyncClient:
+        """One client (connection pool) per event loop; generation has no read timeout (a turn can be long)."""
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
                                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        return self._client
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the server: _Lost when it can't be reached (died), RuntimeError on an error answer."""
         try:
-            response = await self._client.post(self.server.url + path, json=body)
+            response = await self._http().post(self.server.url + path, json=body)
         except httpx.TransportError as exc:
-            raise _Lost(f"{type(exc).__name__}: {exc}") from exc
+            raise _Lost(f"{type(exc).__name__}: {exc}", isinstance(exc, httpx.ConnectError)) from exc
         if response.status_code != 200:
             message = f"vLLM {path} answered {response.status_code}: {response.text[:500]}"
             log.warning(message)
@@ -312,7 +328,7 @@ class VLLMPolicy:
         ServerStartError (also given to `failed()`) when it can't come back."""
         up = self._ready_event()
         async with self._guard():
-            if self.server.alive():
+            if not await self._server_gone():
                 return  # restarted by another request meanwhile, or not ours to restart
             up.clear()
             try:
@@ -329,6 +345,19 @@ class VLLMPolicy:
                 raise error from None
             finally:
                 up.set()
+
+    async def _server_gone(self) -> bool:
+        """Did the server die? A killed server's sockets close before its process can be reaped, so a dying one
+        gets a few seconds to exit; one that answers /health is fine (only a request was lost)."""
+        deadline = time.monotonic() + 5.0
+        while self.server.alive() and time.monotonic() < deadline:
+            try:
+                if (await self._http().get(self.server.url + "/health", timeout=1.0)).status_code == 200:
+                    return False
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+        return not self.server.alive()
 
     async def _load(self, version: int, path: Path) -> _Adapter:
         """Load `path` under a fresh name (caller holds the guard)."""
