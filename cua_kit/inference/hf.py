@@ -17,7 +17,7 @@ import torch
 
 from cua_kit.inference.base import Completion, GenerationRequest, SamplingParams, decode_completion
 from cua_kit.inference.distribution import DistributionProcessor, hf_sampling_kwargs
-from cua_kit.models.inputs import Row, collate, vision_special_ids
+from cua_kit.models.inputs import Row, collate, end_token_ids, vision_special_ids
 from cua_kit.models.loader import LoadedModel
 
 
@@ -50,8 +50,7 @@ class HFPolicy:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._suppress = vision_special_ids(loaded.tokenizer)
-        tok = loaded.tokenizer
-        self._eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
+        self._eos = end_token_ids(loaded.tokenizer)
         self.batch_sizes: list[int] = []  # how well requests were batched (tests, benchmarks, `stats`)
         self.busy_s = 0.0
 

@@ -45,7 +45,7 @@ from PIL import Image
 from cua_kit.config import VLLM_LORA_RANKS, Config
 from cua_kit.inference.base import Completion, GenerationRequest, PolicyError, decode_completion
 from cua_kit.inference.vllm_process import ExternalServer, ManagedServer, ServerStartError
-from cua_kit.models.inputs import vision_special_ids
+from cua_kit.models.inputs import end_token_ids, vision_special_ids
 from cua_kit.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class VLLMPolicy:
         grammar = loaded.action_grammar
         self.grammar: str | None = grammar.ebnf if grammar is not None else None
         self._banned = vision_special_ids(tok) + (grammar.never if grammar is not None else [])
-        self._stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
+        self._stop = end_token_ids(tok)
         self._image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
         self._version = 0
         self._current: _Adapter | None = None
@@ -103,6 +103,7 @@ class VLLMPolicy:
         self._up: asyncio.Event | None = None  # cleared while the server restarts
         self._failure: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._first_load: asyncio.Future | None = None
         self._active, self._busy_since = 0, 0.0
         self.counts = {"gen_calls": 0.0, "gen_requests": 0.0, "gen_busy_s": 0.0, "vllm_resubmits": 0.0,
                        "vllm_lost_requests": 0.0, "vllm_tokens": 0.0}
@@ -162,8 +163,10 @@ class VLLMPolicy:
 
     async def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         await self._ensure_server()
-        if self._current is None and self._has_adapter():
-            await self.update_weights(self._version, None)  # a policy used before any update (eval): its adapter
+        if self._current is None and self._has_adapter():  # used before any update (eval): serve `loaded`'s adapter
+            if self._first_load is None:  # once, however many episodes start at the same time
+                self._first_load = asyncio.ensure_future(self.update_weights(self._version, None))
+            await asyncio.shield(self._first_load)
         self.counts["gen_requests"] += len(requests)
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
@@ -287,7 +290,7 @@ class VLLMPolicy:
         cell) makes fresh ones (the old loop's client is dropped, not closed: that loop may be gone)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            self._loop, self._lock, self._up, self._client = loop, None, None, None
+            self._loop, self._lock, self._up, self._client, self._first_load = loop, None, None, None, None
             if self._failure is not None and not self._failure.done():
                 self._failure = None
 
