@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= browser,gbox,app,notebooks,dev
+EXTRAS ?= browser,gbox,app,notebooks,dev,bench
 # torch/torchvision: this exact pair lies on the CPU machines' disk, and torchvision is what lets
 # transformers 5.x build the *real* Qwen-VL processors (their video processors import torchvision;
 # torchvision does not import beside the CPU-only torch 2.13 wheel). A bare `torch` would make pip

@@ -26,6 +26,11 @@ def tasks_for(cfg: Config, split: str) -> list[Task]:
         tasks = [t for t in tasks if t.id.startswith(tuple(cfg.env.task_filter))]
     if not tasks:
         raise ConfigError(f"env.task_filter={cfg.env.task_filter} keeps no {split} task of {cfg.env.task_file}")
+    try:  # a task the backend cannot run stops the run here, not as env errors episode after episode
+        for task in tasks:
+            env_class(cfg.env.name).validate_task(task)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.env.task_file}: {exc}") from None
     return tasks
 
 

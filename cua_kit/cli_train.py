@@ -44,7 +44,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
          "examples:\n  cua-kit eval configs/quickstart.yaml --checkpoint outputs/quickstart/trial0/checkpoints/checkpoint-20 --episodes 40 --json")(_add_eval)
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     from cua_kit.build import make_agent, make_model, make_policy, make_pool
-    from cua_kit.evaluate import adapter_folder, run_eval
+    from cua_kit.evaluate import adapter_folder, per_task_table, run_eval
 
     cfg = _load(args, extra)
     adapter = adapter_folder(args.checkpoint) if args.checkpoint else None
@@ -60,8 +60,12 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
             await pool.close()
 
     result = asyncio.run(go())
+    if "per_task" in result:  # envs with a task_key (MiniWoB++): per-task table, mean over tasks
+        print(per_task_table(result))
     print(f"held-out success: {100 * result['success_rate']:.1f}% over {result['episodes']} episodes "
           f"({result['env_errors']} env errors); trace: {result['trace']}")
     if args.json:
-        print_json_line({"episodes": result["episodes"], "success_rate": result["success_rate"]})
+        per_task = ("per_task", "task_mean_success_rate", "tasks_scored", "tasks_in_split")
+        print_json_line({"episodes": result["episodes"], "success_rate": result["success_rate"],
+                         **{k: result[k] for k in per_task if k in result}})
     return 0

@@ -212,6 +212,15 @@ class TrainerConfig:
     """Max global grad norm (0 = off)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch (gradient accumulation over micro-batches)."""
+    length_buckets: bool = True
+    """Sort samples by length (longest first) before packing micro-batches, with at most max_padding of each padded:
+    less padding, and equal lengths let sdpa drop the attention mask; the loss is the same sum either way."""
+    max_padding: float = 0.1
+    """With length_buckets: largest share of a micro-batch's tokens that may be padding (a row that would pad more
+    starts a new micro-batch; at 8B a micro-batch's fixed cost is a few % of its compute). 1.0 = budget only."""
+    compile: bool = False
+    """torch.compile the language model's decoder layers for the update (regional, dynamic shapes; generation stays
+    eager). Off by default: measure it first (bench/train_step.py --compile, docs/BENCHMARKS.md)."""
     max_seq_length: int = 8192
     """Prompt+completion tokens of one sample at most; longer samples are dropped and counted."""
     seed: int = 1

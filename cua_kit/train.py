@@ -260,7 +260,8 @@ class TrainingRun:
         log.info("saved %s", path)
 
     async def _evaluate(self, pool: EnvPool, label: str) -> dict[str, float]:
-        from cua_kit.evaluate import run_eval  # evaluate imports build, not train: no cycle, but a lighter import
+        # evaluate imports build, not train: no cycle, but a lighter import
+        from cua_kit.evaluate import per_task_table, run_eval
 
         agent, episodes = make_agent(self.cfg, self.loaded.processor), self.cfg.trainer.eval_episodes
         result = await run_eval(self.cfg, self.policy, pool, agent, episodes, self.run_dir, label)
@@ -273,6 +274,10 @@ class TrainingRun:
                                    temperature)
             point["success_rate_sampled"] = extra["success_rate"]
             sampled = f" | sampled at T={temperature:g}: {100 * extra['success_rate']:.1f}%"
+        if "per_task" in result:  # envs with a task_key (MiniWoB++): the mean over tasks and each task's rate
+            point["task_mean_success_rate"] = result["task_mean_success_rate"]
+            point["per_task"] = {name: row["success_rate"] for name, row in result["per_task"].items()}
+            print(f"[Eval {label}] per task:\n{per_task_table(result)}", flush=True)
         print(f"[Eval {label}] held-out success: {100 * result['success_rate']:.1f}% "
               f"over {result['episodes']} episodes{sampled}", flush=True)
         with open(curve_path(self.run_dir), "a") as f:  # the learning curve, one line per eval
