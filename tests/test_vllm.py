@@ -34,7 +34,7 @@ from cua_kit.grpo.scoring import score
 from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.grammar import ActionGrammar
 from cua_kit.inference.hf import HFPolicy
-from cua_kit.inference.vllm import VLLMPolicy, vllm_server
+from cua_kit.inference.vllm import VLLMPolicy, server_args, vllm_server
 from cua_kit.inference.vllm_process import ExternalServer, ServerStartError
 from cua_kit.models.loader import LoadedModel, load_model
 
@@ -356,3 +356,16 @@ def test_a_bad_model_path_fails_the_start_with_the_servers_own_error(vllm_python
     first = str(error.value).splitlines()[0]
     assert "exited with code" in first and "no-such-model" in str(error.value)
     assert server.proc is None  # nothing left running
+
+
+def test_server_flags_follow_the_config(tiny_model_dir, vllm_python, tmp_path):
+    cfg = run_config(tiny_model_dir, vllm_python, tmp_path, "vllm.gpus=1", "vllm.port=8111")
+    args = server_args(cfg)
+    assert args[args.index("--max-lora-rank") + 1] == "8"  # the smallest vLLM slot that holds lora.r=4
+    assert args[args.index("--logprobs-mode") + 1] == "processed_logprobs"
+    assert "--enable-tower-connector-lora" in args and args[-1] == "--enforce-eager"
+    language_only = server_args(run_config(tiny_model_dir, vllm_python, tmp_path, "lora.groups=[language]"))
+    assert "--enable-tower-connector-lora" not in language_only
+    server = vllm_server(cfg)
+    assert server.env["CUDA_VISIBLE_DEVICES"] == "1" and server.fixed_port == 8111
+    assert server.log_path == cfg.run_dir / "vllm.log"
