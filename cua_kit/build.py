@@ -63,11 +63,16 @@ def attach_action_grammar(cfg: Config, loaded: LoadedModel) -> LoadedModel:
 
 
 def make_policy(cfg: Config, loaded: LoadedModel, shares_weights: bool = True) -> Policy:
-    """The generation backend of `rollout.backend`, with the run's batching and cache settings.
-    `shares_weights=False`: `loaded` is a generation copy, kept current through `update_weights`."""
+    """The generation backend of `rollout.backend`: HF in this process (the run's batching and cache settings), or
+    a vLLM server (section `vllm`: the kit's own, logging to <run>/vllm.log, or vllm.api_base).
+    `shares_weights=False` (HF): `loaded` is a generation copy, kept current through `update_weights`."""
+    r = cfg.rollout
+    if r.backend == "vllm":  # the action grammar (rollout.constrain_actions) comes with `loaded`
+        from cua_kit.inference.vllm import VLLMPolicy, max_model_len, vllm_server
+
+        return VLLMPolicy(loaded, vllm_server(cfg), cfg.run_dir / "adapters", max_model_len(cfg))
     from cua_kit.inference.hf import HFPolicy
 
-    r = cfg.rollout
     return HFPolicy(loaded, r.max_batch, r.batch_wait_ms, kv_cache=r.kv_cache, shares_weights=shares_weights)
 
 

@@ -73,18 +73,21 @@ def save_adapter(model: Any, folder: Path, state_dict: dict[str, torch.Tensor] |
 def export_adapter(model: Any, adapters_dir: Path, version: int,
                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """The trained LoRA adapter of `version` as a plain peft folder `adapters_dir/v<version>` (written atomically,
-    for a generation server to load); older exports beyond ADAPTERS_KEPT are deleted."""
+    for a generation server to load); older exports beyond ADAPTERS_KEPT are deleted. An existing `v<version>` is
+    replaced: it may hold another run's weights (a fresh run in an old run folder), and a server must never load
+    those."""
     final = adapters_dir / f"v{version}"
-    if (final / "adapter_config.json").exists():
-        return final
     tmp = adapters_dir / f".tmp-v{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, state_dict)
-    os.rename(tmp, final)
-    versions = sorted((int(d.name[1:]), d) for d in adapters_dir.glob("v*") if d.name[1:].isdigit())
-    newer = [d for v, d in versions if v > version]  # an earlier run's, past where this one (re)started
-    for old in newer + [d for v, d in versions if v <= version][:-ADAPTERS_KEPT]:
+    if final.exists():
+        old = adapters_dir / f".old-v{version}-{os.getpid()}"
+        os.rename(final, old)
         shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
+    for folder in adapters_dir.glob("v*"):  # keep this version and the one before; later ones are another run's
+        if folder.name[1:].isdigit() and not version - ADAPTERS_KEPT < int(folder.name[1:]) <= version:
+            shutil.rmtree(folder, ignore_errors=True)
     return final
 
 

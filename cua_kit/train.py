@@ -180,11 +180,17 @@ class TrainingRun:
         await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
-        """The next batch, or None when a stop was requested first."""
+        """The next batch, or None when a stop was requested first; raises the backend's error if it broke for good
+        (a vLLM server that could not be restarted)."""
         getter = asyncio.ensure_future(controller.get_batch())
         stopper = asyncio.ensure_future(self.stop_requested.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        broken = asyncio.ensure_future(self.policy.failed())
+        done, _ = await asyncio.wait({getter, stopper, broken}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        broken.cancel()
+        if broken in done:
+            getter.cancel()
+            raise broken.result()
         if getter in done and not self.stop_requested.is_set():
             return getter.result()
         getter.cancel()
@@ -210,6 +216,8 @@ class TrainingRun:
             "n_env_errors": delta["env_errors"],
             "n_samples": stats["n_samples"], "update_s": stats["update_s"],
             "turns_per_episode": float(np.mean([len(e.turns) for g in batch for e in g.valid])) if rewards else 0.0,
+            # the generation engine's log-probs against the trainer's on fresh samples (when a step was taken)
+            **{k: v for k, v in stats.items() if k.startswith("logprob_gap_")},
             **self._generation_stats(),
         }
 
