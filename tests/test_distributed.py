@@ -366,3 +366,27 @@ def test_two_nodes_of_one_process_finish_a_run_through_the_launcher(tmp_path):
     assert "Run finished at step 2" in log0 and "Run finished" not in log1  # node 1 holds rank 1, a follower
     assert [r[0] for r in _db(out, "select step from steps order by step")] == [1, 2]
     assert (out / "quickstart/trial0/checkpoints/checkpoint-2/rng-rank1.pt").exists()  # rank 1 wrote its part
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_layout_with_a_vllm_server_and_two_ranks_trains_through_cua_kit_train(tmp_path, vllm_python):
+    """`cua-kit train ... launch.allocation=vllm:d1t1+fsdp:d2` on the CPU: the launcher starts torchrun with 2 gloo
+    ranks, rank 0 starts the kit's vLLM server (issue 13) and serves it the LoRA tensors it gathers after each
+    update; the run finishes, and the server loaded every version."""
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop(launch.LAUNCHED_ENV, None)
+    argv = [sys.executable, "-m", "cua_kit.cli", "train",
+            *_train_args(out, "trainer.max_steps=2", "saver.freq_steps=1", "model.device=cpu",
+                         "launch.allocation=vllm:d1t1+fsdp:d2", f"vllm.python={vllm_python}",
+                         "vllm.extra_args=[--enforce-eager]", "vllm.max_model_len=4096")]
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "Run finished at step 2" in done.stdout
+    assert [r[0] for r in _db(out, "select step from steps order by step")] == [1, 2]
+    run = out / "quickstart/trial0"
+    assert (run / "vllm.log").stat().st_size > 0 and (run / "adapters/v2/adapter_model.safetensors").exists()
+    assert done.stdout.count("/v1/load_lora_adapter") >= 3  # v0 at start, then one per update
+    assert (run / "checkpoints/checkpoint-2/rng-rank1.pt").exists()
