@@ -61,21 +61,34 @@ def test_dockerfile_builds_the_kit_with_its_vllm_and_unsloth_extras():
     _check_kit_command(yaml.safe_load(cmd))
 
 
-def test_compose_runs_the_trainer_and_the_dashboard_from_the_kit_s_image():
-    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    services = compose["services"]
-    assert {"trainer", "dashboard"} <= set(services)
+def test_compose_runs_a_vllm_server_the_trainer_and_the_dashboard_from_the_kit_s_image():
+    from cua_kit.inference.vllm import server_args
+    from cua_kit.inference.vllm_process import SERVER_SCRIPT
+
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert {"vllm", "trainer", "dashboard"} <= set(services)
     built = {s["image"] for s in services.values() if "build" in s}
-    assert (ROOT / services["trainer"]["build"] / "Dockerfile").is_file()
+    assert (ROOT / services["vllm"]["build"] / "Dockerfile").is_file()
     for name, service in services.items():
         assert service["image"] in built, f"{name}: an image no service builds"
-        _check_kit_command(service["command"])
         assert service.get("env_file") in (None, ".env") and (ROOT / ".env.example").is_file()
-    gpus = services["trainer"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in d["capabilities"] for d in gpus)
-    # the trainer's layout fits an 8-GPU host: a vLLM server on GPUs 0-3, the trainer ranks on 4-7
-    layout = allocation.parse(load_config(ROOT / services["trainer"]["command"][2]).launch.allocation)
-    assert allocation.place(layout, [str(g) for g in range(8)]) == (["4", "5", "6", "7"], ["0", "1", "2", "3"])
+    for name in ("trainer", "dashboard"):
+        _check_kit_command(services[name]["command"])
+    # the server is the kit's script with the flags `cua-kit train` would give the server it starts itself
+    python, script, *flags = services["vllm"]["command"]
+    assert python == "python" and ROOT / script == SERVER_SCRIPT
+    trainer = services["trainer"]["command"]
+    cfg = load_config(ROOT / trainer[2], [*trainer[3:], "model.device=cpu"])  # cpu: no GPU here, dtype is explicit
+    assert cfg.rollout.backend == "vllm" and cfg.vllm.api_base == "http://vllm:8000"
+    assert flags[:-4] == server_args(cfg) and flags[-4:] == ["--host", "0.0.0.0", "--port", "8000"]
+    assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # GPUs 0-3 serve (tensor parallel 4), 4-7 train (fsdp:d4), as configs/multi_gpu.yaml's own layout places them
+    gpus = {n: services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+            for n in ("vllm", "trainer")}
+    layout = allocation.parse(load_config(ROOT / trainer[2]).launch.allocation)
+    own = allocation.place(layout, [str(g) for g in range(8)])
+    assert (gpus["trainer"], gpus["vllm"]) == own and cfg.vllm.tensor_parallel_size == len(gpus["vllm"])
+    assert allocation.parse(cfg.launch.allocation).trainers == len(gpus["trainer"])
 
 
 def test_every_variable_of_env_example_is_one_the_kit_names():
