@@ -185,18 +185,26 @@ class Channel:
         """Rank 0: send `name` to the other ranks, then run rank 0's own part (the `with` body) holding the lock,
         so no ping interleaves with the part's collectives. The other ranks are already inside the command."""
         if self.ranks.rank != 0:
-            yield
+            with self._collectives():
+                yield
             return
         with self._lock:
             if self.lost is not None:
                 raise self.lost
             self._exchange(name, payload)
             try:
-                yield
-            except RuntimeError as exc:  # the part's own collectives: a rank that died mid-update
-                raise (self._fail(exc) if _comm_error(exc) else exc) from exc
+                with self._collectives():
+                    yield
             finally:
                 self._last = time.monotonic()
+
+    @contextlib.contextmanager
+    def _collectives(self) -> Iterator[None]:
+        """A command's own collectives: one that fails because a rank died mid-command is `RankLost` too."""
+        try:
+            yield
+        except RuntimeError as exc:
+            raise (self._fail(exc) if _comm_error(exc) else exc) from exc
 
     def receive(self) -> tuple[str, Any]:
         """The other ranks: wait for rank 0's next command."""
