@@ -115,13 +115,14 @@ def _train(trainer: GRPOTrainer, samples: list[Sample], updates: int = UPDATES) 
     return out
 
 
-def _model(model_dir: Path, warm: Path | None):
+def _model(model_dir: Path, warm: Path | None, checkpointing: bool = False):
     """A warm start and it frozen as the KL reference (peft `set_adapter`), or a fresh LoRA whose reference is the
-    adapter-disabled model (peft `disable_adapter`): both switch adapters on the sharded model."""
+    adapter-disabled model (peft `disable_adapter`): both switch adapters on the sharded model. `checkpointing`:
+    the loader's non-reentrant gradient checkpointing, recomputing inside FSDP2's hooks."""
     torch.manual_seed(0)
     warm_path = str(warm) if warm else None
-    return load_model(ModelConfig(name=str(model_dir), device="cpu"), LORA, adapter_path=warm_path,
-                      reference_adapter=warm_path)
+    model_cfg = ModelConfig(name=str(model_dir), device="cpu", gradient_checkpointing=checkpointing)
+    return load_model(model_cfg, LORA, adapter_path=warm_path, reference_adapter=warm_path)
 
 
 def _rank_main(rank: int, world: int, port: int, work: str, mode: str) -> None:
@@ -137,7 +138,8 @@ def _rank_main(rank: int, world: int, port: int, work: str, mode: str) -> None:
     ranks = distributed.init(cfg)
     channel = distributed.Channel(ranks)
     grpo, trainer_cfg = _configs(spec["budget"])
-    trainer = distributed.ShardedTrainer(_model(spec["model_dir"], spec["warm"]), grpo, trainer_cfg, 1.0, ranks,
+    model = _model(spec["model_dir"], spec["warm"], spec.get("checkpointing", False))
+    trainer = distributed.ShardedTrainer(model, grpo, trainer_cfg, 1.0, ranks,
                                          channel)
     if rank == 0:
         if mode == "resume":
@@ -172,12 +174,15 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) 
         assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
 
 
-@pytest.mark.parametrize("warm_start, one_per_micro_batch", [(True, False), (False, True)])
-def test_two_ranks_take_the_same_steps_as_one_process(tiny_model_dir, tmp_path, warm_start, one_per_micro_batch):
+@pytest.mark.parametrize("warm_start, one_per_micro_batch, checkpointing",
+                         [(True, False, False), (False, True, True)])
+def test_two_ranks_take_the_same_steps_as_one_process(tiny_model_dir, tmp_path, warm_start, one_per_micro_batch,
+                                                      checkpointing):
     """Same global batch and seed: the loss and the LoRA weights after 3 updates equal one process's within 1e-5
     (fp32), with the KL to the reference, two mini-batches and the decoupled loss on stale samples.
 
-    Both reference paths (a frozen warm start, the adapter-disabled model). The fresh LoRA runs one sample per
+    Both reference paths (a frozen warm start, the adapter-disabled model), the second with gradient checkpointing
+    (non-reentrant, recomputing inside FSDP2's hooks). The fresh LoRA runs one sample per
     micro-batch: its B starts at 0, so A's first gradients are ~0 and AdamW's g / (sqrt(v) + eps) magnifies the
     last bits in which differently padded micro-batches differ (6e-4 apart when packed several to a micro-batch,
     1.5e-6 one to a micro-batch; the warm start, packed several to a micro-batch, is 1e-7 apart)."""
@@ -187,10 +192,11 @@ def test_two_ranks_take_the_same_steps_as_one_process(tiny_model_dir, tmp_path, 
     longest = max(s.n_tokens for s in samples)
     budget = longest if one_per_micro_batch else 4 * longest  # several samples per micro-batch: padding differs
     warm = _warm_start(tiny_model_dir, tmp_path / "warm") if warm_start else None
-    spec = {"model_dir": tiny_model_dir, "warm": warm, "samples": samples, "budget": budget}
+    spec = {"model_dir": tiny_model_dir, "warm": warm, "samples": samples, "budget": budget,
+            "checkpointing": checkpointing}
     (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
 
-    solo = _model(tiny_model_dir, warm)
+    solo = _model(tiny_model_dir, warm, checkpointing)
     grpo, trainer_cfg = _configs(budget)
     solo_stats = _train(GRPOTrainer(solo, grpo, trainer_cfg, 1.0), pickle.loads(pickle.dumps(samples)))
     solo_lora = _lora(get_peft_model_state_dict(solo.model, adapter_name="default"))
