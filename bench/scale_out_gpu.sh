@@ -17,13 +17,25 @@ PARTS=("${@:-backends async}")
 want() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
 [ -f "$MODEL/config.json" ] || python3 bench/decode_vllm.py --model-dir "$MODEL" --build-only
 COMMON=(model.name="$MODEL" output_dir=/tmp/bench_runs)
+# One vLLM server (`cua-kit serve`, the flags a run would use) for every vLLM variant: each run loads its adapters
+# under names of its own and unloads them at the end, so the variants differ only in what they measure. It starts
+# beside the HF variant, whose first (warm-up, unmeasured) step covers the server's start-up.
+PORT=${PORT:-8011}
+python3 -m cua_kit.cli serve configs/bench_8b_synth.yaml "${COMMON[@]}" vllm.port=$PORT > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
+VLLM=(rollout.backend=vllm vllm.api_base=http://127.0.0.1:$PORT)
+wait_server() { until grep -q "ready at" "$OUT/serve.log"; do kill -0 $SERVER || { tail -30 "$OUT/serve.log"; exit 1; }; sleep 2; done; }
 if want backends; then
   python3 bench/train_throughput.py configs/bench_8b_synth.yaml --steps "$STEPS" --warmup 1 \
-    --out "$OUT/throughput_backends.json" --common "${COMMON[@]}" \
-    --variant hf rollout.backend=hf --variant vllm rollout.backend=vllm
+    --out "$OUT/throughput_hf.json" --common "${COMMON[@]}" --variant hf rollout.backend=hf
+  wait_server
+  python3 bench/train_throughput.py configs/bench_8b_synth.yaml --steps "$STEPS" --warmup 1 \
+    --out "$OUT/throughput_vllm.json" --common "${COMMON[@]}" --variant vllm "${VLLM[@]}"
 fi
 if want async; then
+  wait_server
   python3 bench/train_throughput.py configs/bench_8b_synth.yaml --steps "$STEPS" --warmup 1 \
-    --out "$OUT/throughput_async.json" --common "${COMMON[@]}" rollout.backend=vllm env.step_latency_s=1 \
+    --out "$OUT/throughput_async.json" --common "${COMMON[@]}" "${VLLM[@]}" env.step_latency_s=1 \
     --variant sync rollout.max_staleness=0 --variant async rollout.max_staleness=2
 fi

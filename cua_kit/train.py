@@ -110,6 +110,9 @@ class TrainingRun:
         self._install_signals()
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "status": "running"}
         try:
+            # after _restore: the policy serves the trainer's (resumed) version from turn one; a server backend starts
+            # here, and one that can't start fails the run with its own error (the run row says failed)
+            await self._sync_weights()
             if cfg.trainer.eval_episodes and self.state.step == 0:
                 summary["eval_before"] = await self._evaluate(pool, "before")
                 metrics.log(0, {"success_rate": summary["eval_before"]["success_rate"]}, prefix="eval/")

@@ -206,6 +206,8 @@ def test_sigkill_then_auto_resume_continues_steps_and_tasks(tmp_path):
     steps = [r[0] for r in _db_rows(killed, "select step from steps order by step")]
     assert steps == [1, 2, 3, 4]  # no duplicated, no missing rows
     assert _tasks_per_step(killed) == _tasks_per_step(reference)  # the same next tasks
+    # max_staleness 0: the resumed run generates with the resumed version from its first turn (it once started at 0)
+    assert {s for (s,) in _db_rows(killed, "select staleness from turns where staleness is not null")} == {0}
 
 
 @pytest.mark.slow

@@ -278,6 +278,7 @@ def db_rows(run_dir: Path, sql: str):
 def test_a_grpo_run_through_vllm_writes_a_consistent_trace(server, vllm_python, tiny_model_dir, tmp_path):
     """`cua-kit train` with rollout.backend=vllm on the module's server (vllm.api_base), 3 synchronous steps."""
     out = tmp_path / "out"
+    before = served_adapters(server)
     proc = subprocess.run(train_cmd(tiny_model_dir, vllm_python, out, f"vllm.api_base={server.url}"),
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -303,6 +304,35 @@ def test_a_grpo_run_through_vllm_writes_a_consistent_trace(server, vllm_python, 
                 assert parse_error is None or n_tokens == 60  # constrained actions: only a cut call fails to parse
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["v2", "v3"]
     assert not (run / "vllm.log").exists()  # an external server: the kit started nothing
+    assert served_adapters(server) <= before  # and it keeps none of the finished run's adapters
+
+
+def test_serve_keeps_a_server_until_sigterm(vllm_python, tiny_model_dir, tmp_path):
+    """`cua-kit serve`: the server a run would start, in the foreground, ready for vllm.api_base; SIGTERM stops it
+    and its whole process group."""
+    cmd = [sys.executable, "-m", "cua_kit.cli", "serve", str(ROOT / "configs/quickstart.yaml"),
+           f"model.name={tiny_model_dir}", "model.device=cpu", "model.adapter_path=", "lora.r=4", "lora.alpha=8",
+           "rollout.backend=vllm", f"vllm.python={vllm_python}", "vllm.extra_args=[--enforce-eager]",
+           "vllm.max_model_len=4096", f"output_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "ready at" in line or len(lines) > 200:
+                break
+        url = line.split("ready at ")[1].split()[0]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        log = tmp_path / "quickstart/trial0/vllm.log"
+        assert "vllm_server.py" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_a_killed_server_is_restarted_and_the_run_finishes(vllm_python, tiny_model_dir, tmp_path):
@@ -346,6 +376,7 @@ def test_a_taken_port_stops_the_run_with_the_servers_own_error(vllm_python, tiny
     message = str(error.value)
     assert "Address already in use" in message.splitlines()[0]  # vLLM's own words, first
     assert f"--- last lines of {cfg.run_dir / 'vllm.log'} ---" in message
+    assert db_rows(cfg.run_dir, "select status from runs") == [("failed",)]
 
 
 def test_a_bad_model_path_fails_the_start_with_the_servers_own_error(vllm_python, tiny_model_dir, tmp_path):

@@ -129,6 +129,10 @@ class VLLMPolicy:
         return await asyncio.shield(self._failed_future())
 
     async def close(self) -> None:
+        if not self.server.owned and self._started:  # a server kept across runs keeps none of this run's adapters
+            self._current = None
+            self._inflight.clear()
+            await self._unload_unused()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
