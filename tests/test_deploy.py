@@ -39,7 +39,7 @@ def _check_kit_command(argv: list[str]) -> None:
         return
     args, extra = cli.build_parser().parse_known_args(argv[1:])
     assert args.command in cli.COMMANDS
-    if args.command in ("train", "sft", "eval"):
+    if args.command in ("train", "sft", "eval", "serve"):
         config, overrides = cli._config_and_overrides(args, extra)
         assert config is None or (ROOT / config).is_file(), config
         load_config(ROOT / config if config else None, overrides)
@@ -62,9 +62,6 @@ def test_dockerfile_builds_the_kit_with_its_vllm_and_unsloth_extras():
 
 
 def test_compose_runs_a_vllm_server_the_trainer_and_the_dashboard_from_the_kit_s_image():
-    from cua_kit.inference.vllm import server_args
-    from cua_kit.inference.vllm_process import SERVER_SCRIPT
-
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     assert {"vllm", "trainer", "dashboard"} <= set(services)
     built = {s["image"] for s in services.values() if "build" in s}
@@ -72,22 +69,18 @@ def test_compose_runs_a_vllm_server_the_trainer_and_the_dashboard_from_the_kit_s
     for name, service in services.items():
         assert service["image"] in built, f"{name}: an image no service builds"
         assert service.get("env_file") in (None, ".env") and (ROOT / ".env.example").is_file()
-    for name in ("trainer", "dashboard"):
-        _check_kit_command(services[name]["command"])
-    # the server is the kit's script with the flags `cua-kit train` would give the server it starts itself
-    python, script, *flags = services["vllm"]["command"]
-    assert python == "python" and ROOT / script == SERVER_SCRIPT
-    trainer = services["trainer"]["command"]
-    cfg = load_config(ROOT / trainer[2], [*trainer[3:], "model.device=cpu"])  # cpu: no GPU here, dtype is explicit
-    assert cfg.rollout.backend == "vllm" and cfg.vllm.api_base == "http://vllm:8000"
-    assert flags[:-4] == server_args(cfg) and flags[-4:] == ["--host", "0.0.0.0", "--port", "8000"]
-    assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+        _check_kit_command(service["command"])
+    # the trainer reaches the server the way `cua-kit serve` listens: 127.0.0.1, in the server's network
+    serve, train = services["vllm"]["command"], services["trainer"]["command"]
+    server = load_config(ROOT / serve[2], serve[3:])
+    cfg = load_config(ROOT / train[2], train[3:])
+    assert services["trainer"]["network_mode"] == "service:vllm" and serve[2] == train[2]
+    assert cfg.rollout.backend == "vllm" and cfg.vllm.api_base == f"http://127.0.0.1:{server.vllm.port}"
     # GPUs 0-3 serve (tensor parallel 4), 4-7 train (fsdp:d4), as configs/multi_gpu.yaml's own layout places them
     gpus = {n: services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
             for n in ("vllm", "trainer")}
-    layout = allocation.parse(load_config(ROOT / trainer[2]).launch.allocation)
-    own = allocation.place(layout, [str(g) for g in range(8)])
-    assert (gpus["trainer"], gpus["vllm"]) == own and cfg.vllm.tensor_parallel_size == len(gpus["vllm"])
+    own = allocation.place(allocation.parse(server.launch.allocation), [str(g) for g in range(8)])
+    assert (gpus["trainer"], gpus["vllm"]) == own and server.vllm.tensor_parallel_size == len(gpus["vllm"])
     assert allocation.parse(cfg.launch.allocation).trainers == len(gpus["trainer"])
 
 
