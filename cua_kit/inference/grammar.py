@@ -29,18 +29,22 @@ import torch
 import transformers
 import xgrammar as xgr
 
-from cua_kit.actions import COORD_MODES, TOOLS
+from cua_kit.actions import COORD_MODES, KEYS_MAX, NUMBER_DIGITS, SECONDS_MAX, TEXT_MAX_CHARS, TOOLS
 
-# Value rules, as Python writes them (`json.dumps(..., ensure_ascii=False)`); grid is 0..999 (actions.GRID_MAX);
-# seconds have at most a 2-digit positive exponent, so they stay finite (the parser rejects inf).
-_VALUE_RULES = r"""
+# Value rules, as Python writes them (`json.dumps(..., ensure_ascii=False)`), within the parser's bounds
+# (cua_kit.actions): grid is 0..999 (GRID_MAX); pixels and scroll amounts have at most NUMBER_DIGITS digits (a
+# scroll is never 0); seconds are below 100 (SECONDS_MAX) in the forms Python's float repr takes there (fixed,
+# at most 20 decimals, or a negative exponent), or exactly 100.0; strings hold at most TEXT_MAX_CHARS
+# characters (an escape counts as one, so the parsed text is never longer); at most KEYS_MAX keys.
+assert SECONDS_MAX == 100.0, "the seconds rule below spells 100"
+_VALUE_RULES = rf"""
 grid ::= "0" | [1-9] [0-9]? [0-9]?
-pixel ::= "0" | [1-9] [0-9]*
-integer ::= "-"? pixel
-seconds ::= pixel ("." [0-9]+)? ([eE] ("-" [0-9]+ | "+"? [0-9] [0-9]?))?
-string ::= "\"" char* "\""
+pixel ::= "0" | [1-9] [0-9]{{0,{NUMBER_DIGITS - 1}}}
+integer ::= "-"? [1-9] [0-9]{{0,{NUMBER_DIGITS - 1}}}
+seconds ::= ("0" | [1-9] [0-9]?) ("." [0-9]{{1,20}})? ([eE] "-" [0-9]{{1,3}})? | "100" ".0"?
+string ::= "\"" char{{0,{TEXT_MAX_CHARS}}} "\""
 char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])
-strings ::= "[" string (", " string)* "]"
+strings ::= "[" string (", " string){{0,{KEYS_MAX - 1}}} "]"
 """
 
 
