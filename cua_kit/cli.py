@@ -54,6 +54,8 @@ def _load(args: argparse.Namespace, extra: list[str]):
         config = None
     if "--config" in overrides:
         i = overrides.index("--config")
+        if i + 1 >= len(overrides) or "=" in overrides[i + 1]:
+            raise ConfigError("--config needs a YAML file after it, e.g. --config configs/quickstart.yaml")
         config = overrides[i + 1]
         del overrides[i : i + 2]
     return load_config(config, overrides)

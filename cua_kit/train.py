@@ -39,6 +39,7 @@ from cua_kit.inference.base import writing_weights
 from cua_kit.logs import MetricsLogger, group_line, step_line
 from cua_kit.models.loader import LoadedModel
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
+from cua_kit.run_folder import make_run_dir
 from cua_kit.trace.rows import mark_consumed, write_group
 from cua_kit.trace.store import SCHEMA, TraceWriter
 
@@ -57,21 +58,20 @@ class TrainingRun:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.run_dir = cfg.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = make_run_dir(cfg)
         save_config(cfg, self.run_dir)
         self.resume_from = resume_checkpoint(cfg)
         adapter = str(self.resume_from / "adapter") if self.resume_from else (cfg.model.adapter_path or None)
         if adapter and not (Path(adapter) / "adapter_config.json").exists():
             raise ConfigError(f"model.adapter_path={adapter} holds no peft adapter: run `cua-kit sft CONFIG` first "
                               "(it writes <run>/sft/adapter), or set model.adapter_path= to start from a fresh LoRA")
+        self.train_tasks = tasks_for(cfg, cfg.env.train_split)  # a bad task file fails before the model loads
         _seed_everything(cfg.trainer.seed)
         # with a warm start, the KL reference is the warm-start policy (frozen), not the bare base model
         reference = cfg.model.adapter_path if (cfg.model.adapter_path and cfg.grpo.kl_ctl > 0) else None
         self.loaded: LoadedModel = make_model(cfg, adapter_path=adapter, reference_adapter=reference)
         self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, episode_settings(cfg).sampling)
         self.policy = make_policy(cfg, self.loaded)
-        self.train_tasks = tasks_for(cfg, cfg.env.train_split)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_tasks) / cfg.trainer.batch_size))
         self.run_id = f"{cfg.experiment_name}-{cfg.trial_name}"
         self.trace = TraceWriter(self.run_dir / "trace.db", self.run_id)
