@@ -19,7 +19,7 @@ from cua_kit.envs.base import Task
 from cua_kit.envs.pool import EnvPool, LatencyEnv
 from cua_kit.envs.synth import synth_tasks
 from cua_kit.grpo.scoring import score
-from cua_kit.inference.base import SamplingParams
+from cua_kit.inference.base import GenerationRequest, SamplingParams
 from cua_kit.inference.hf import HFPolicy
 from cua_kit.models.loader import LoadedModel, load_model
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
@@ -193,3 +193,30 @@ def test_static_kv_cache_pads_to_buckets_and_returns_the_same_greedy_completions
         assert torch.allclose(torch.tensor(d.logprobs), torch.tensor(s.logprobs), atol=1e-4)
     with pytest.raises(ValueError, match="kv_cache"):
         HFPolicy(loaded, kv_cache="paged")
+
+
+def test_pause_waits_for_the_batch_in_flight_and_holds_new_ones_until_resume(loaded):
+    """The in-process backend shares the trainer's weights: after `pause()` returns no generation runs until
+    `resume()`; a request submitted while paused is served after it (this is what keeps updates atomic)."""
+    ids = loaded.tokenizer("Tap OK", add_special_tokens=False)["input_ids"]
+    request = GenerationRequest(ids, [], sampling(16))
+
+    async def main():
+        policy = HFPolicy(loaded, max_batch=1)
+        events: list[str] = []
+        first = asyncio.create_task(policy.generate([request]))
+        while policy._idle is None or (policy._idle.is_set() and not policy.batch_sizes):
+            await asyncio.sleep(0.001)  # until the first batch is in flight (or already done)
+        await policy.pause()
+        events.append(f"paused after {len(policy.batch_sizes)} batch(es)")
+        second = asyncio.create_task(policy.generate([request]))
+        await asyncio.sleep(0.3)
+        events.append(f"while paused: second done={second.done()}, batches={len(policy.batch_sizes)}")
+        await policy.resume()
+        await asyncio.gather(first, second)
+        events.append(f"resumed: batches={len(policy.batch_sizes)}")
+        await policy.close()
+        return events
+
+    assert asyncio.run(main()) == ["paused after 1 batch(es)", "while paused: second done=False, batches=1",
+                                   "resumed: batches=2"]
