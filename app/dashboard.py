@@ -196,7 +196,8 @@ class Dashboard:
         log = Path(run["run_dir"]) / launch.LOG_FILE
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
         badge = data.STATUS_BADGES.get(run["effective_status"], run["effective_status"])
-        return f"**{name}**: {badge} · step {run.get('n_steps', 0)}", tail
+        note = f"\n\n{run['message']}" if run.get("message") else ""  # why it failed, or why no step comes
+        return f"**{name}**: {badge} · step {run.get('n_steps', 0)}{note}", tail
 
 
 # ----------------------------------------------------------------------------- layout

@@ -88,11 +88,13 @@ def runs_table(runs: list[dict[str, Any]]) -> list[list[Any]]:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started_at"])) if run.get("started_at") else "—"
         table.append([run["name"], STATUS_BADGES.get(run["effective_status"], run["effective_status"]),
                       last.get("step", 0), _fmt(last.get("success_rate")), learning_trend(steps),
-                      _fmt(last.get("episodes_per_hour"), 0), _config_summary(run), started])
+                      _fmt(last.get("episodes_per_hour"), 0), _config_summary(run), started, run.get("message") or ""])
     return table
 
 
-RUNS_HEADERS = ["run", "status", "step", "success rate", "reward first → last", "episodes/h", "config", "started"]
+# "note": why a run failed, or why no step has come for a while (the trainer's watchdog line, runs.message)
+RUNS_HEADERS = ["run", "status", "step", "success rate", "reward first → last", "episodes/h", "config", "started",
+                "note"]
 
 
 # ----------------------------------------------------------------------------- curves

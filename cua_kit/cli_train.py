@@ -19,7 +19,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from cua_kit.train import train
 
     summary = train(_load(args, extra))
-    print(f"Run {summary['status']} at step {summary['step']}: {summary['run_dir']}")
+    reason = f"{summary['reason']} (run folder {summary['run_dir']})" if summary.get("reason") else summary["run_dir"]
+    print(f"Run {summary['status']} at step {summary['step']}: {reason}", flush=True)
     return 0 if summary["status"] in ("finished", "stopped") else 1
 
 

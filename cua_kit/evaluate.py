@@ -1,7 +1,9 @@
 """Held-out evaluation: success rate of a policy on the eval split, episodes written to a trace DB.
 
 Each eval episode is one sample of one task (tasks cycle in file order, so two evals of the same config
-see the same tasks); sampling uses trainer.eval_temperature (0 = greedy).
+see the same tasks); sampling uses trainer.eval_temperature (0 = greedy). Episodes that end in an error are not
+scored (counted as `env_errors`); a systemic one (`rollout.health`: a full disk, the same error over and over)
+stops the eval with RunFailure instead of running the rest into the same wall.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cua_kit.config import Config
 from cua_kit.envs.pool import EnvPool
 from cua_kit.inference.base import Policy
 from cua_kit.rollout.episode import Episode, run_episode
+from cua_kit.rollout.health import RunFailure, RunHealth
 from cua_kit.trace.rows import episode_row, turn_row
 from cua_kit.trace.store import TraceWriter
 
@@ -33,18 +36,29 @@ async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, epi
     settings = episode_settings(cfg, cfg.trainer.eval_temperature if temperature is None else temperature)
     out_dir = run_dir / "eval" / label
     limit = asyncio.Semaphore(max(1, cfg.rollout.max_concurrent_rollouts))
+    health = RunHealth(cfg.rollout.max_errors_in_a_row)
 
     bar = tqdm(total=episodes, desc=f"eval {label}", unit="ep", disable=not cfg.logging.progress, leave=False)
 
     async def one(i: int) -> Episode:
-        async with limit, pool.lease() as env:
-            episode = await run_episode(env, tasks[i % len(tasks)], agent, policy, settings,
-                                        f"eval-{label}-{i:04d}", out_dir, 0)
+        async with limit:
+            if health.failure is not None:
+                raise RunFailure(f"eval {label}: {health.failure}")
+            async with pool.lease() as env:
+                episode = await run_episode(env, tasks[i % len(tasks)], agent, policy, settings,
+                                            f"eval-{label}-{i:04d}", out_dir, 0)
+        health.record(episode)
         bar.update(1)
         return episode
 
+    jobs = [asyncio.ensure_future(one(i)) for i in range(episodes)]
     try:
-        results = await asyncio.gather(*(one(i) for i in range(episodes)))
+        results = await asyncio.gather(*jobs)
+    except BaseException:  # RunFailure (or a cancel): the episodes still running stop too
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        raise
     finally:
         bar.close()
     _write_trace(out_dir, f"eval-{label}", cfg, results)

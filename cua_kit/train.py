@@ -39,9 +39,10 @@ from cua_kit.inference.base import writing_weights
 from cua_kit.logs import MetricsLogger, group_line, step_line
 from cua_kit.models.loader import LoadedModel
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
+from cua_kit.rollout.health import RunFailure, wait_for_batch
 from cua_kit.run_folder import make_run_dir
 from cua_kit.trace.rows import mark_consumed, write_group
-from cua_kit.trace.store import SCHEMA, TraceWriter
+from cua_kit.trace.store import SCHEMA, TraceError, TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,13 @@ class TrainingRun:
         self._last_counts: dict[str, int] = {}
         self._last_gen: dict[str, float] = {}
         self._signals: list[int] = []  # the signals whose handlers this run installed
+        self._waiting_shown = False  # a waiting line is in the trace: cleared when the batch comes
 
     def _controller(self, pool: EnvPool) -> RolloutController:
         c = self.cfg
         settings = ControllerSettings(c.rollout.n_samples, c.trainer.batch_size, c.rollout.max_concurrent_rollouts,
-                                      c.rollout.max_staleness, c.rollout.filter_zero_variance, c.grpo.adv_mode)
+                                      c.rollout.max_staleness, c.rollout.filter_zero_variance, c.grpo.adv_mode,
+                                      c.rollout.max_errors_in_a_row)
         return RolloutController(self.policy, pool, make_agent(c, self.loaded.processor),
                                  TaskSampler(self.train_tasks, c.trainer.seed), settings, episode_settings(c),
                                  self.run_dir, on_group=lambda g: write_group(self.trace, g, c.env.name),
@@ -124,8 +127,12 @@ class TrainingRun:
                 summary["eval_after"] = await self._evaluate(pool, "after")
                 metrics.log(self.state.step, {"success_rate": summary["eval_after"]["success_rate"]}, prefix="eval/")
             summary["status"] = status
-        except BaseException:
-            summary["status"] = "failed"
+        except RunFailure as failure:  # systemic (rollout.health): one line, status failed, the last step saved
+            summary.update(status="failed", reason=str(failure))
+            await controller.stop()
+            self._save_after_failure(controller)
+        except BaseException as exc:
+            summary.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self._remove_signals()
@@ -133,10 +140,19 @@ class TrainingRun:
             await self.policy.close()
             await pool.close()
             metrics.close()
-            self.trace.finish_run(summary["status"])
-            self.trace.close()
+            _close_trace(self.trace, summary["status"], summary.get("reason"))
         summary.update(step=self.state.step, rollout=controller.stats.as_dict())
         return summary
+
+    def _save_after_failure(self, controller: RolloutController) -> None:
+        """A checkpoint of the last completed step, so a resume after the fix loses nothing (best effort: the
+        failure may be a full disk; the checkpoint before stays whole either way)."""
+        if self.state.step == 0 or (self.run_dir / "checkpoints" / f"checkpoint-{self.state.step}").exists():
+            return
+        try:
+            self._save(controller)
+        except (OSError, RuntimeError) as exc:
+            log.error("no checkpoint of step %d (%s); the previous one stays", self.state.step, exc)
 
     async def _loop(self, controller: RolloutController, metrics: MetricsLogger) -> str:
         cfg = self.cfg
@@ -184,15 +200,19 @@ class TrainingRun:
         await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
-        """The next batch, or None when a stop was requested first."""
-        getter = asyncio.ensure_future(controller.get_batch())
-        stopper = asyncio.ensure_future(self.stop_requested.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if getter in done and not self.stop_requested.is_set():
-            return getter.result()
-        getter.cancel()
-        return None
+        """The next batch, or None when a stop was requested first; RunFailure on a systemic fault or a stall.
+        While none comes, a line a minute says why (printed, and in the trace for the dashboard)."""
+        def waiting(line: str) -> None:
+            print(f"[{time.strftime('%H:%M:%S')}] waiting for step {self.state.step + 1}: {line}", flush=True)
+            self.trace.set_message(line)
+            self._waiting_shown = True
+
+        batch = await wait_for_batch(controller.get_batch(), self.stop_requested, controller.health,
+                                     self.cfg.trainer.stall_timeout_s, controller.waiting_line, waiting)
+        if batch is not None and self._waiting_shown:
+            self.trace.set_message(None)
+            self._waiting_shown = False
+        return batch
 
     def _step_metrics(self, batch: list[Group], stats: dict[str, float], controller: RolloutController,
                       version: int, episodes_per_hour: float) -> dict[str, float]:
@@ -290,6 +310,16 @@ class TrainingRun:
             raise KeyboardInterrupt
         print(f"Received {signal.Signals(sig).name}: saving a checkpoint and stopping after this step", flush=True)
         self.stop_requested.set()
+
+
+def _close_trace(trace: TraceWriter, status: str, reason: str | None) -> None:
+    """Record how the run ended and close the trace; a trace that can't be written (full disk) is reported
+    in one line, not as a second traceback over the first."""
+    try:
+        trace.finish_run(status, reason)
+        trace.close()
+    except TraceError as exc:
+        log.error("the trace could not record status %s: %s", status, exc)
 
 
 def _seed_everything(seed: int) -> None:
