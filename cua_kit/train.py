@@ -40,7 +40,7 @@ from cua_kit.logs import MetricsLogger, group_line, step_line
 from cua_kit.models.loader import LoadedModel
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
 from cua_kit.rollout.health import RunFailure, wait_for_batch
-from cua_kit.run_folder import make_run_dir
+from cua_kit.run_folder import claim_run_folder, make_run_dir
 from cua_kit.trace.rows import mark_consumed, write_group
 from cua_kit.trace.store import SCHEMA, TraceError, TraceWriter
 
@@ -60,8 +60,9 @@ class TrainingRun:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = make_run_dir(cfg)
-        save_config(cfg, self.run_dir)
         self.resume_from = resume_checkpoint(cfg)
+        self.run_id = claim_run_folder(cfg, self.resume_from)  # one run per folder: an older one is archived
+        save_config(cfg, self.run_dir)
         adapter = str(self.resume_from / "adapter") if self.resume_from else (cfg.model.adapter_path or None)
         if adapter and not (Path(adapter) / "adapter_config.json").exists():
             raise ConfigError(f"model.adapter_path={adapter} holds no peft adapter: run `cua-kit sft CONFIG` first "
@@ -74,7 +75,6 @@ class TrainingRun:
         self.trainer = GRPOTrainer(self.loaded, cfg.grpo, cfg.trainer, episode_settings(cfg).sampling)
         self.policy = make_policy(cfg, self.loaded)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_tasks) / cfg.trainer.batch_size))
-        self.run_id = f"{cfg.experiment_name}-{cfg.trial_name}"
         self.trace = TraceWriter(self.run_dir / "trace.db", self.run_id)
         self.state = RunState()
         self.stop_requested = asyncio.Event()
@@ -266,7 +266,7 @@ class TrainingRun:
         self.trace.flush()  # the steps rows a checkpoint vouches for are on disk before it exists
         # the loop calls this between updates: the weights are not being written
         path = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.loaded.model,
-                               self.trainer.state_dict(), {"version": self.trainer.version,
+                               self.trainer.state_dict(), {"run_id": self.run_id, "version": self.trainer.version,
                                                            "controller": controller.state_dict()},
                                self.cfg.saver.keep_last)
         log.info("saved %s", path)
