@@ -1,9 +1,10 @@
 """Start, list and stop training runs as background processes (the dashboard's Launch tab and `cua-kit runs`).
 
 A run is started from a config under an allowed folder (`configs/`, or an earlier run's saved config.yaml)
-plus dotted overrides and a GPU count. The config and overrides are validated with `load_config` *before*
-anything is spawned, so a typo is refused with the config system's message. The command is an argv list
-(never a shell):
+plus dotted overrides and a GPU count. Everything is checked *before* anything is spawned (`plan_launch`): the
+config and overrides with `load_config` (a typo, a nonsense value or a run name that is a path is refused with
+the config system's message), the run folder lands under the runs folder (output_dir is forced to it), is
+writable, and has no live run. The command is an argv list (never a shell):
 
     CPU or 1 GPU: python -m cua_kit.cli train CONFIG [overrides...]
     N > 1 GPUs:   torchrun --nproc_per_node N -m cua_kit.cli train CONFIG [overrides...] launch.n_gpus=N
@@ -100,24 +101,57 @@ def launch_overrides(overrides: list[str], n_gpus: int, runs_dir: str | Path) ->
     return [*overrides, *extra, f"output_dir={Path(runs_dir).resolve()}"]
 
 
-def launch_run(config: str | Path, overrides: list[str], n_gpus: int, runs_dir: str | Path,
-               allowed_dirs: list[Path] | None = None, env: dict[str, str] | None = None) -> LaunchedRun:
-    """Validate, then start the trainer in its own process group. Raises LaunchError / ConfigError."""
+@dataclass
+class LaunchPlan:
+    """A launch request that passed every check: what would be run, and where it writes."""
+
+    run_dir: Path
+    argv: list[str]
+
+
+def plan_launch(config: str | Path, overrides: list[str], n_gpus: int, runs_dir: str | Path,
+                allowed_dirs: list[Path] | None = None) -> LaunchPlan:
+    """Every check of a launch, spawning and writing nothing. Raises LaunchError / ConfigError."""
+    from cua_kit.run_folder import live_trainer
+
+    if not isinstance(n_gpus, int) or n_gpus < 0:
+        raise LaunchError(f"n_gpus must be an integer >= 0 (0 = CPU), got {n_gpus!r}")
     path = check_config_path(config, allowed_dirs or allowed_config_dirs(runs_dir))
     full_overrides = launch_overrides(list(overrides), n_gpus, runs_dir)
     cfg = load_config(path, full_overrides)  # ConfigError: refuse before spawning anything
-    run_dir = cfg.run_dir.resolve()
+    root, run_dir = Path(runs_dir).resolve(), cfg.run_dir.resolve()
+    if not run_dir.is_relative_to(root) or run_dir == root:  # names are checked by the config; this is the guard
+        raise LaunchError(f"the run folder {run_dir} is not inside the runs folder {root}")
     running = read_launch(run_dir)
     if running and pid_alive(running["pid"]):
         raise LaunchError(f"{run_dir} already has a live run (pid {running['pid']}); stop it or set trial_name=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    argv = build_argv(path, full_overrides, n_gpus)
-    with open(run_dir / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    pid = live_trainer(run_dir)
+    if pid is not None:
+        raise LaunchError(f"{run_dir} is being written by a live trainer (pid {pid}); stop it or set trial_name=...")
+    return LaunchPlan(run_dir, build_argv(path, full_overrides, n_gpus))
+
+
+def launch_run(config: str | Path, overrides: list[str], n_gpus: int, runs_dir: str | Path,
+               allowed_dirs: list[Path] | None = None, env: dict[str, str] | None = None) -> LaunchedRun:
+    """`plan_launch`, then start the trainer in its own process group. Raises LaunchError / ConfigError."""
+    plan = plan_launch(config, overrides, n_gpus, runs_dir, allowed_dirs)
+    run_dir = plan.run_dir
+    try:  # the folder and its log are made before the trainer starts: a failure here leaves no process behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(run_dir / LOG_FILE, "ab")
+    except OSError as exc:
+        raise LaunchError(f"can't write the run folder {run_dir}: {exc.strerror or exc}") from None
+    with log:
+        proc = subprocess.Popen(plan.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=REPO_ROOT, env=env)
     _CHILDREN[proc.pid] = proc
-    launched = LaunchedRun(str(run_dir), argv, proc.pid, os.getpgid(proc.pid), time.time(), socket.gethostname())
-    (run_dir / LAUNCH_FILE).write_text(json.dumps(asdict(launched), indent=2))
+    launched = LaunchedRun(str(run_dir), plan.argv, proc.pid, os.getpgid(proc.pid), time.time(), socket.gethostname())
+    try:
+        (run_dir / LAUNCH_FILE).write_text(json.dumps(asdict(launched), indent=2))
+    except OSError as exc:  # a run the UI could neither list nor stop must not keep running
+        _signal_group(launched.pgid, signal.SIGKILL)
+        proc.wait()
+        raise LaunchError(f"can't record the run in {run_dir / LAUNCH_FILE} ({exc.strerror}); it was stopped") from None
     return launched
 
 
@@ -247,7 +281,7 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
     for info in queries.list_runs(runs_dir):
         run_dir = Path(info["db_path"]).parent
         found.append(info | {"run_dir": str(run_dir), "name": str(run_dir.relative_to(runs_dir)),
-                             "effective_status": effective_status(info)})
+                             "effective_status": effective_status(info), "eval_of": _eval_owner(run_dir, runs_dir)})
     known = {r["run_dir"] for r in found}
     for launch_path in runs_dir.rglob(LAUNCH_FILE):
         run_dir = launch_path.parent
@@ -257,8 +291,22 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
         status = "starting" if pid_alive(launched["pid"]) else ("stopped" if "stopped_at" in launched else "failed")
         found.append({"run_dir": str(run_dir), "name": str(run_dir.relative_to(runs_dir)), "status": status,
                       "effective_status": status, "started_at": launched["started_at"], "n_steps": 0,
-                      "pid": launched["pid"], "db_path": None})
+                      "pid": launched["pid"], "db_path": None, "eval_of": None})
     return sorted(found, key=lambda r: r.get("started_at") or 0.0, reverse=True)
+
+
+def _eval_owner(run_dir: Path, runs_dir: Path) -> str | None:
+    """The name of the training run whose held-out eval this trace is (`<run>/eval/<label>/`, as
+    cua_kit.evaluate writes it), else None."""
+    owner = run_dir.parent.parent
+    if run_dir.parent.name == "eval" and owner != runs_dir and (owner / "config.yaml").is_file():
+        return str(owner.relative_to(runs_dir))
+    return None
+
+
+def training_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that are not held-out evals of another run (what a user means by 'the run')."""
+    return [r for r in runs if not r.get("eval_of")]
 
 
 def find_run(runs_dir: str | Path, name: str) -> Path:
@@ -272,6 +320,6 @@ def find_run(runs_dir: str | Path, name: str) -> Path:
     return run_dir
 
 
-__all__ = ["ConfigError", "LaunchError", "LaunchedRun", "allowed_config_dirs", "build_argv", "check_config_path",
-           "effective_status", "find_run", "launch_run", "list_configs", "list_runs", "pid_alive", "read_launch",
-           "stop_run"]
+__all__ = ["ConfigError", "LaunchError", "LaunchPlan", "LaunchedRun", "allowed_config_dirs", "build_argv",
+           "check_config_path", "effective_status", "find_run", "launch_run", "list_configs", "list_runs", "pid_alive",
+           "plan_launch", "read_launch", "stop_run", "training_runs"]
