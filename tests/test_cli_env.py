@@ -191,3 +191,47 @@ def _exe(pid: int) -> str:
         return os.path.realpath(f"/proc/{pid}/exe")
     except OSError:
         return ""
+
+
+# ---- env errors end an episode, not the demo (issue 18 §7) -----------------------------------------
+def test_gbox_5xx_mid_demo_is_counted_and_the_demo_goes_on(fake_gbox: FakeGboxServer, capsys, tmp_path: Path) -> None:
+    """A tap answered 503 after it ran (never retried: it may have happened) ends that episode; the demo used to
+    stop there with no summary."""
+    fake_gbox.inject("click", 503, execute=True)
+    code, lines, err = run_cli(["env", "demo", "gbox", "--task", "toggle-wi-fi", "--episodes", "3",
+                                "--out", str(tmp_path), "--json"], capsys)
+    summary = json.loads(lines[-1])
+    assert code == 1 and (summary["episodes"], summary["env_errors"], summary["scored"]) == (3, 1, 2)
+    [failed] = [e for e in summary["per_episode"] if e["error"]]
+    assert "503" in failed["error"] and failed["reward"] is None
+    assert summary["success_rate"] == 1.0  # over the scored episodes: the oracle solved both
+    assert "1 env errors" in lines[-2] and "Traceback" not in err
+    assert fake_gbox.live_boxes() == []  # the failed episode's box was terminated too
+
+
+@pytest.mark.browser
+def test_a_browser_killed_mid_demo_is_counted_and_a_new_one_takes_over(chromium_path: str, capsys, monkeypatch,
+                                                                        tmp_path: Path) -> None:
+    import asyncio
+    import signal
+
+    from cua_kit.envs.miniwob import MiniWobEnv, descendant_pids
+
+    real_step, calls = MiniWobEnv.step, []
+
+    async def step_then_die(self, action):  # the second episode's browser dies after its reset
+        calls.append(action)
+        if len(calls) == 2:
+            os.killpg(self.browser.pid, signal.SIGKILL)
+            await asyncio.sleep(0.3)
+        return await real_step(self, action)
+
+    monkeypatch.setattr(MiniWobEnv, "step", step_then_die)
+    code, lines, _ = run_cli(["env", "demo", "miniwob", "--task", "click-button/eval", "--episodes", "3",
+                              "--out", str(tmp_path), "--json"], capsys)
+    summary = json.loads(lines[-1])
+    assert code == 1 and (summary["episodes"], summary["env_errors"]) == (3, 1)
+    assert [e["error"] is not None for e in summary["per_episode"]] == [False, True, False]
+    assert summary["success_rate"] == 1.0
+    real = os.path.realpath(chromium_path)
+    assert [p for p in descendant_pids(os.getpid()) if _exe(p) == real] == []
