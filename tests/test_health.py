@@ -147,3 +147,27 @@ def test_health_counts_the_same_error_only_in_a_row():
     h.record(Ep(error="box 7 died after 0.1 s"))
     assert h.failure and "3 episodes in a row" in h.failure and "env_error: box" in h.failure
 
+
+
+def test_the_eval_progress_bar_shows_on_a_terminal_that_reports_no_size():
+    """`make demo`'s 200-episode 'before' eval takes minutes before the first step. On a pty with no size (under
+    `script`, some CI consoles) tqdm read 0 columns and -1 rows and drew nothing: minutes of silence."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()  # a new pty reports 0x0
+    code = ("from cua_kit.evaluate import _progress_bar\n"
+            "bar = _progress_bar(3, 'eval before', True)\nbar.update(2)\nbar.refresh()\nbar.close()\n")
+    proc = subprocess.run([sys.executable, "-c", code], stderr=slave, stdout=subprocess.DEVNULL, timeout=120,
+                          env={**os.environ, "COLUMNS": "", "LINES": ""})
+    os.close(slave)
+    seen = b""
+    try:
+        while chunk := os.read(master, 4096):
+            seen += chunk
+    except OSError:  # the pty is closed once the child has gone and everything was read
+        pass
+    os.close(master)
+    assert proc.returncode == 0 and b"eval before:  67%" in seen and b"2/3" in seen
