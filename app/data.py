@@ -200,8 +200,12 @@ class ReplayPathError(ValueError):
 
 
 def screenshot_file(runs_dir: Path, run_dir: Path, relative: str) -> Path:
-    """The screenshot's absolute path; refuses anything that resolves outside runs_dir ('..', absolute, links)."""
-    path = (run_dir / relative).resolve()
+    """The screenshot's absolute path; refuses anything that resolves outside runs_dir ('..', absolute, links)
+    or can't be a path at all (a NUL byte)."""
+    try:
+        path = (run_dir / relative).resolve()
+    except (OSError, ValueError) as exc:
+        raise ReplayPathError(f"screenshot path {relative!r} is not a usable path ({exc}); not shown") from None
     if not path.is_relative_to(runs_dir.resolve()):
         raise ReplayPathError(f"screenshot path {relative!r} is outside the runs folder; not shown")
     return path

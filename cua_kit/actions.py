@@ -322,8 +322,11 @@ def _computer_action(name: str, args: dict[str, Any], size: tuple[int, int], mod
         return Action("scroll", x=x, y=y, direction=direction)
     if name == "key":
         keys = args.get("keys")
-        if not isinstance(keys, list) or not 0 < len(keys) <= KEYS_MAX or not all(isinstance(k, str) and k for k in keys):
+        if not (isinstance(keys, list) and 0 < len(keys) <= KEYS_MAX and all(isinstance(k, str) and k for k in keys)):
             raise _Bad(f"'keys' must be a list of 1 to {KEYS_MAX} key names, got {_short(keys)}")
+        if any("+" in k for k in keys[:-1]) or ("+" in keys[-1] and keys[-1] != "+"):
+            # our Action joins keys with "+": only a lone "+" key, last, reads back unambiguously
+            raise _Bad(f"a key name can't hold '+' (only a lone '+' key, last), got {_short(keys)}")
         return Action("key", text="+".join(_string(k, "keys") for k in keys))
     return _common_action(name, args)
 

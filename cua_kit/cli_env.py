@@ -177,7 +177,8 @@ async def play_episode(env: Env, task: Task, policy: str, rng: random.Random, ma
             action = await env.oracle_action() if policy == "oracle" else random_action(rng, obs.size)
             stepped = await env.step(action)
             result.env_s += time.perf_counter() - t0
-            draw_action(obs.screenshot, action, label=f"step {result.steps}").save(folder / f"step_{result.steps:02d}.png")
+            picture = draw_action(obs.screenshot, action, label=f"step {result.steps}")
+            picture.save(folder / f"step_{result.steps:02d}.png")
             obs, result.steps = stepped.observation, result.steps + 1
             if stepped.done:
                 break

@@ -8,8 +8,9 @@ Precedence, lowest first: dataclass defaults < YAML file < environment variables
 An unknown key fails at load time with the closest valid name; a wrong type or value fails with the
 field's name and what is allowed (`ConfigError`, one line): each section's `rules()` lists, next to its
 fields, what every field with a meaning allows. YAML is read with a loader that bounds file size, nesting
-depth and aliases (`read_yaml`), so a hostile or broken file is one line too, never a hang. The original system's flags (`--model-name`,
-`--lora-r`, `--resume`, ...) and env vars (`MODEL_NAME`, `OUTPUT_DIR`, ...) map onto fields.
+depth and alias expansion (`read_yaml`), so a hostile or broken file is one line too, never a hang. The
+original system's flags (`--model-name`, `--lora-r`, `--resume`, ...) and env vars (`MODEL_NAME`,
+`OUTPUT_DIR`, ...) map onto fields.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class ModelConfig:
 
     def rules(self) -> list[Rule]:
         return [("name", bool(self.name.strip()), "a Hub id, a folder or builtin:<arch>-<size>, not empty"),
-                ("device", bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)), "auto, cpu, mps, cuda or cuda:N"),
+                ("device", bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)),
+                 "auto, cpu, mps, cuda or cuda:N"),
                 ("cache_dir", bool(self.cache_dir.strip()), "a folder, not empty")]
 
 
@@ -624,19 +626,20 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
 
 def parse_yaml(text: str, what: str) -> Any:
     """YAML text -> Python data with the bounds above; ConfigError (one line) for anything else."""
-    loader = _BoundedLoader(text)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, {})
-        return loader.construct_document(node)
+        loader = _BoundedLoader(text)  # its reader already refuses non-printable characters
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _expanded_size(node, {})
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except _TooLarge as exc:
         raise ConfigError(f"{what}: refused: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
-    finally:
-        loader.dispose()
 
 
 def read_text_file(path: str | Path, what: str, max_bytes: int = YAML_MAX_BYTES) -> str:

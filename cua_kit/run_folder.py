@@ -121,18 +121,22 @@ def _previous_id(run_dir: Path, cfg: Config) -> str:
 
 
 def archive(items: list[Path], archive_dir: Path, name: str) -> Path | None:
-    """Move the `items` that exist into a new folder archive_dir/<name> (renames on one file system: nothing is
-    copied); None if there was nothing to move."""
-    present = [item for item in items if item.exists()]
+    """Move the `items` that exist (empty folders stay) into a new folder archive_dir/<name> (renames on one file
+    system: nothing is copied); None if there was nothing to move."""
+    present = [item for item in items if item.is_file() or (item.is_dir() and any(item.iterdir()))]
     if not present:
         return None
     dest, n = archive_dir / name, 1
     while dest.exists():
         n += 1
         dest = archive_dir / f"{name}.{n}"
-    dest.mkdir(parents=True)
-    for item in present:
-        os.replace(item, dest / item.name)
+    try:
+        dest.mkdir(parents=True)
+        for item in present:
+            os.replace(item, dest / item.name)
+    except OSError as exc:
+        raise ConfigError(f"can't move the previous run's outputs to {dest} ({exc.strerror}): move or delete "
+                          f"{', '.join(p.name for p in present)} yourself, or pick another trial_name=") from None
     return dest
 
 

@@ -139,7 +139,8 @@ def test_huge_numbers_and_long_texts_are_invalid_not_errors(tool, args, reason_p
 def test_lone_surrogates_become_replacement_characters():
     """JSON may escape half a surrogate pair; such a str can't be UTF-8 encoded, which crashed the tokenizer of
     the next turn (the action is echoed in its prompt)."""
-    text = '<tool_call>{"name": "mobile_use", "arguments": {"action": "type", "text": "a\\ud800b\\ud83d\\ude00"}}</tool_call>'
+    text = ('<tool_call>{"name": "mobile_use", "arguments": {"action": "type", '
+            '"text": "a\\ud800b\\ud83d\\ude00"}}</tool_call>')
     action = parse_action(text, PHONE)
     assert action == Action("type", text="a\ufffdb\U0001F600")
     action.text.encode("utf-8")

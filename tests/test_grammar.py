@@ -67,7 +67,8 @@ def test_grammar_rejects_what_the_parser_would_not_run(grammars, loaded, text):
 
 
 def _computer_call(**args) -> str:
-    return '<tool_call>\n{"name": "computer_use", "arguments": ' + json.dumps(args, ensure_ascii=False) + "}\n</tool_call>"
+    body = json.dumps(args, ensure_ascii=False)
+    return '<tool_call>\n{"name": "computer_use", "arguments": ' + body + "}\n</tool_call>"
 
 
 @pytest.mark.parametrize("text, ok", [
@@ -83,6 +84,9 @@ def _computer_call(**args) -> str:
     (_computer_call(action="type", text="x" * 1001), False),
     (_computer_call(action="key", keys=["a"] * 8), True),
     (_computer_call(action="key", keys=["a"] * 9), False),
+    (_computer_call(action="key", keys=[""]), False),  # found by the chaos suite's grammar fuzz
+    (_computer_call(action="key", keys=["+0"]), False),  # "+0" joined with "+" reads back as ["", "0"]
+    (_computer_call(action="key", keys=["ctrl", "+"]), True),
 ])
 def test_grammar_and_parser_share_the_bounds(grammars, loaded, text, ok):
     """What constrained decoding can write, the parser accepts (and past the bounds neither does)."""
