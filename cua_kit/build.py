@@ -26,6 +26,11 @@ def tasks_for(cfg: Config, split: str) -> list[Task]:
         tasks = [t for t in tasks if t.id.startswith(tuple(cfg.env.task_filter))]
     if not tasks:
         raise ConfigError(f"env.task_filter={cfg.env.task_filter} keeps no {split} task of {cfg.env.task_file}")
+    try:  # a task the backend cannot run stops the run here, not as env errors episode after episode
+        for task in tasks:
+            env_class(cfg.env.name).validate_task(task)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.env.task_file}: {exc}") from None
     return tasks
 
 
@@ -58,10 +63,15 @@ def attach_action_grammar(cfg: Config, loaded: LoadedModel) -> LoadedModel:
 
 
 def make_policy(cfg: Config, loaded: LoadedModel) -> Policy:
-    """The generation backend of `rollout.backend`, with the run's batching and cache settings."""
+    """The generation backend of `rollout.backend`: HF in this process (the run's batching and cache settings), or
+    a vLLM server (section `vllm`: the kit's own, logging to <run>/vllm.log, or vllm.api_base)."""
+    r = cfg.rollout
+    if r.backend == "vllm":  # the action grammar (rollout.constrain_actions) comes with `loaded`
+        from cua_kit.inference.vllm import VLLMPolicy, max_model_len, vllm_server
+
+        return VLLMPolicy(loaded, vllm_server(cfg), cfg.run_dir / "adapters", max_model_len(cfg))
     from cua_kit.inference.hf import HFPolicy
 
-    r = cfg.rollout
     return HFPolicy(loaded, r.max_batch, r.batch_wait_ms, kv_cache=r.kv_cache)
 
 

@@ -66,18 +66,21 @@ ADAPTERS_KEPT = 2  # exported versions kept on disk: the served one, and the one
 def export_adapter(model: Any, adapters_dir: Path, version: int) -> Path:
     """The trained LoRA adapter of `version` as a plain peft folder `adapters_dir/v<version>` (written atomically,
     for a generation server to load); older exports beyond ADAPTERS_KEPT are deleted. Only the trained adapter
-    ("default") is written, never the frozen KL-reference one."""
+    ("default") is written, never the frozen KL-reference one. An existing `v<version>` is replaced: it may hold
+    another run's weights (a fresh run in an old run folder), and a server must never load those."""
     final = adapters_dir / f"v{version}"
-    if (final / "adapter_config.json").exists():
-        return final
     tmp = adapters_dir / f".tmp-v{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     selected = {"selected_adapters": ["default"]} if "default" in getattr(model, "peft_config", {}) else {}
     model.save_pretrained(tmp, **selected)
-    os.rename(tmp, final)
-    versions = sorted((int(d.name[1:]), d) for d in adapters_dir.glob("v*") if d.name[1:].isdigit())
-    for _, old in versions[:-ADAPTERS_KEPT]:
+    if final.exists():
+        old = adapters_dir / f".old-v{version}-{os.getpid()}"
+        os.rename(final, old)
         shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
+    for folder in adapters_dir.glob("v*"):  # keep this version and the one before; later ones are another run's
+        if folder.name[1:].isdigit() and not version - ADAPTERS_KEPT < int(folder.name[1:]) <= version:
+            shutil.rmtree(folder, ignore_errors=True)
     return final
 
 

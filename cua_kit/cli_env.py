@@ -34,7 +34,8 @@ from cua_kit.envs.base import Env, Task
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repo's data/ (not shipped in a wheel)
 TASK_FILES = {"synth": "synth_tasks.jsonl", "miniwob": "miniwob_tasks.yaml", "gbox": "gbox_tasks.yaml"}  # defaults
-MORE_TASK_FILES = [("synth", "synth_L0.jsonl")]  # also shipped: the quickstart's level-0 set
+# Also shipped: the quickstart's level-0 set; every MiniWoB++ task that runs (python -m cua_kit.envs.miniwob_tasks).
+MORE_TASK_FILES = [("synth", "synth_L0.jsonl"), ("miniwob", "miniwob_all.jsonl")]
 DEFAULT_MAX_STEPS = 20  # a cap for envs that never end an episode themselves (a random policy on gbox)
 
 

@@ -45,7 +45,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
          "examples:\n  cua-kit eval configs/quickstart.yaml --checkpoint outputs/quickstart/trial0/checkpoints/checkpoint-20 --episodes 40 --json")(_add_eval)
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     from cua_kit.build import make_agent, make_model, make_policy, make_pool
-    from cua_kit.evaluate import adapter_folder, run_eval
+    from cua_kit.evaluate import adapter_folder, per_task_table, run_eval
 
     cfg = _load(args, extra)
     adapter = adapter_folder(args.checkpoint) if args.checkpoint else None
@@ -61,8 +61,54 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
             await pool.close()
 
     result = asyncio.run(go())
+    if "per_task" in result:  # envs with a task_key (MiniWoB++): per-task table, mean over tasks
+        print(per_task_table(result))
     print(f"held-out success: {100 * result['success_rate']:.1f}% over {result['episodes']} episodes "
           f"({result['env_errors']} env errors); trace: {result['trace']}")
     if args.json:
-        print_json_line({"episodes": result["episodes"], "success_rate": result["success_rate"]})
+        per_task = ("per_task", "task_mean_success_rate", "tasks_scored", "tasks_in_split")
+        print_json_line({"episodes": result["episodes"], "success_rate": result["success_rate"],
+                         **{k: result[k] for k in per_task if k in result}})
     return 0
+
+
+SERVE_EPILOG = """examples:
+  cua-kit serve configs/single_gpu.yaml vllm.port=8000 vllm.gpu_memory_utilization=0.9
+  cua-kit train configs/single_gpu.yaml rollout.backend=vllm vllm.api_base=http://127.0.0.1:8000"""
+
+
+@command("serve", "start the kit's vLLM server for a config and keep it for later runs (vllm.api_base)",
+         SERVE_EPILOG)(_config_args)
+def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+    """The server `rollout.backend: vllm` would start, with the same flags, run in the foreground until Ctrl-C or
+    SIGTERM: runs given `vllm.api_base=<url>` share it (each loads its adapters under names of its own)."""
+    import signal
+
+    from cua_kit.inference.vllm import vllm_server
+    from cua_kit.inference.vllm_process import ServerStartError
+
+    cfg = _load(args, extra)
+    cfg.vllm.api_base = ""  # serve starts a server; it never connects to one
+    server = vllm_server(cfg)
+
+    async def serve() -> bool:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        print(f"vLLM server ready at {server.url} (log: {server.log_path}); Ctrl-C stops it", flush=True)
+        try:
+            while not stop.is_set() and server.alive():
+                await asyncio.sleep(0.5)
+        finally:
+            await server.stop()
+        if not stop.is_set():
+            print(f"the vLLM server exited on its own; see {server.log_path}", flush=True)
+        return stop.is_set()
+
+    try:
+        return 0 if asyncio.run(serve()) else 1
+    except ServerStartError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1

@@ -147,7 +147,8 @@ class EnvConfig:
 @dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    """Policy backend for generation."""
+    """Generation backend: hf = transformers in this process (shares the trainer's weights); vllm = a vLLM server
+    sent each new LoRA adapter (section vllm, docs/rollout.md)."""
     n_samples: int = 4
     """Episodes per task (GRPO group size). Flag --num-rollouts."""
     max_turns: int = 15
@@ -185,8 +186,6 @@ class RolloutConfig:
     two and prompts to multiples of 64 tokens so few shapes compile."""
     batch_wait_ms: float = 5.0
     """Milliseconds the batcher waits to gather requests."""
-    vllm_api_base: str = ""
-    """OpenAI-compatible server for backend=vllm (env var VLLM_API_BASE)."""
     max_errors_in_a_row: int = 16
     """The run stops (status failed, with the reason) when episodes end with the same error this many times in
     a row, no episode scored in between: a bug or a dead backend would otherwise loop forever."""
@@ -207,6 +206,41 @@ class RolloutConfig:
                 ("max_batch", self.max_batch >= 1, "an integer >= 1"),
                 ("batch_wait_ms", _finite(self.batch_wait_ms, 0), "milliseconds >= 0"),
                 ("max_errors_in_a_row", self.max_errors_in_a_row >= 1, "an integer >= 1")]
+
+
+@dataclass
+class VLLMConfig:
+    api_base: str = ""
+    """A vLLM server you already run (http://host:port, started with cua_kit/inference/vllm_server.py; env var
+    VLLM_API_BASE); empty = the kit starts its own and owns it (restarts, stops). See docs/rollout.md."""
+    python: str = ""
+    """Interpreter that runs the kit's server (a venv with vllm, e.g. .venv-vllm/bin/python); empty = this one."""
+    gpu_memory_utilization: float = 0.35
+    """Share of each server GPU's memory vLLM may take (weights + KV cache); 0.35 leaves the rest to a trainer
+    on the same GPU."""
+    tensor_parallel_size: int = 1
+    """GPUs one server shards the model over."""
+    max_model_len: int = 0
+    """Prompt + completion tokens per request at most (0 = trainer.max_seq_length: longer samples are dropped anyway)."""
+    gpus: str = ""
+    """CUDA_VISIBLE_DEVICES of the server, e.g. "1" or "2,3" (split layout); empty = the same GPUs as the trainer."""
+    port: int = 0
+    """Port of the kit's server on 127.0.0.1 (0 = a free one)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Server weights dtype; auto = the trainer's (model.dtype: bfloat16 on CUDA, float32 on CPU)."""
+    enforce_eager: bool = False
+    """No CUDA graphs at all (slower decode; for debugging). The vision encoder always runs eager: encoder CUDA
+    graphs can apply the wrong LoRA adapter (vLLM PR #52376)."""
+    max_lora_rank: int = 0
+    """vLLM's LoRA slot rank (0 = the smallest of vLLM's sizes 1, 8, 16, 32, 64, 128, 256, 320, 512 that holds lora.r)."""
+    cpu_kv_cache_gib: int = 1
+    """KV cache size when the server runs on the CPU (vLLM's VLLM_CPU_KVCACHE_SPACE, GiB); GPUs use gpu_memory_utilization."""
+    startup_timeout_s: float = 600.0
+    """Seconds the kit waits for its server to answer /health before the run stops with the server's log tail."""
+    max_restarts: int = 3
+    """Times the kit restarts a server that died (its requests in flight end as policy errors); then the run stops."""
+    extra_args: list[str] = field(default_factory=list)
+    """More flags for vLLM's server, e.g. ["--max-num-seqs", "64"]."""
 
 
 @dataclass
@@ -259,6 +293,15 @@ class TrainerConfig:
     """Max global grad norm (0 = off)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch (gradient accumulation over micro-batches)."""
+    length_buckets: bool = True
+    """Sort samples by length (longest first) before packing micro-batches, with at most max_padding of each padded:
+    less padding, and equal lengths let sdpa drop the attention mask; the loss is the same sum either way."""
+    max_padding: float = 0.1
+    """With length_buckets: largest share of a micro-batch's tokens that may be padding (a row that would pad more
+    starts a new micro-batch; at 8B a micro-batch's fixed cost is a few % of its compute). 1.0 = budget only."""
+    compile: bool = False
+    """torch.compile the language model's decoder layers for the update (regional, dynamic shapes; generation stays
+    eager). Off by default: measure it first (bench/train_step.py --compile, docs/BENCHMARKS.md)."""
     max_seq_length: int = 8192
     """Prompt+completion tokens of one sample at most; longer samples are dropped and counted."""
     seed: int = 1
@@ -377,6 +420,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -422,7 +466,7 @@ ENV_VARS: dict[str, str] = {
     "LOAD_IN_4BIT": "model.load_in_4bit",
     "USE_LORA": "lora.enabled",
     "WANDB_PROJECT": "logging.wandb_project",
-    "VLLM_API_BASE": "rollout.vllm_api_base",
+    "VLLM_API_BASE": "vllm.api_base",
 }
 
 
@@ -693,13 +737,48 @@ def load_config(
 
 
 def validate(cfg: Config) -> None:
-    """Every section's `rules()`: the first value that is not allowed fails, naming its key and what is allowed."""
+    """Every section's `rules()`, then the checks across sections: the first value that is not allowed fails,
+    naming its key and what is allowed."""
     sections = [("", cfg)] + [(f"{f.name}.", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                               if dataclasses.is_dataclass(getattr(cfg, f.name))]
     for prefix, section in sections:
         for name, ok, allowed in section.rules() if hasattr(section, "rules") else []:
             if not ok:
                 raise ConfigError(f"{prefix}{name}={_short(getattr(section, name))} is not allowed; allowed: {allowed}")
+    for ok, message in _vllm_checks(cfg):
+        if not ok:
+            raise ConfigError(message)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values (0.26 to 0.32)
+
+
+def _vllm_checks(cfg: Config) -> list[tuple[bool, str]]:
+    v = cfg.vllm
+    checks = [
+        (0 < v.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization must be in (0, 1]"),
+        (v.tensor_parallel_size >= 1, "vllm.tensor_parallel_size must be >= 1"),
+        (v.max_model_len >= 0, "vllm.max_model_len must be >= 0 (0 = trainer.max_seq_length)"),
+        (0 <= v.port <= 65535, "vllm.port must be in 0..65535 (0 = a free port)"),
+        (v.max_lora_rank == 0 or v.max_lora_rank in VLLM_LORA_RANKS,
+         f"vllm.max_lora_rank must be 0 (from lora.r) or one of {list(VLLM_LORA_RANKS)}"),
+        (v.startup_timeout_s > 0, "vllm.startup_timeout_s must be > 0"),
+        (v.max_restarts >= 0, "vllm.max_restarts must be >= 0"),
+        (v.cpu_kv_cache_gib > 0, "vllm.cpu_kv_cache_gib must be > 0"),
+        (not v.api_base or v.api_base.startswith(("http://", "https://")),
+         f"vllm.api_base must start with http:// or https:// (got {v.api_base!r}); empty = the kit starts its own"),
+        (all(g.strip().isdigit() for g in v.gpus.split(",")) if v.gpus else True,
+         f"vllm.gpus must be GPU indices separated by commas, e.g. \"1\" or \"2,3\" (got {v.gpus!r})"),
+    ]
+    if cfg.rollout.backend == "vllm":
+        checks += [
+            (cfg.lora.enabled, "rollout.backend=vllm needs lora.enabled=true: the server is sent LoRA adapters "
+                               "(full-weight sync is not implemented)"),
+            (cfg.lora.r <= (v.max_lora_rank or VLLM_LORA_RANKS[-1]),
+             f"lora.r={cfg.lora.r} is above vLLM's LoRA rank limit {v.max_lora_rank or VLLM_LORA_RANKS[-1]} "
+             "(vllm.max_lora_rank)"),
+        ]
+    return checks
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -200,15 +200,17 @@ class TrainingRun:
         await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
-        """The next batch, or None when a stop was requested first; RunFailure on a systemic fault or a stall.
-        While none comes, a line a minute says why (printed, and in the trace for the dashboard)."""
+        """The next batch, or None when a stop was requested first; RunFailure on a systemic fault, a stall, or a
+        backend broken for good (a vLLM server that could not be restarted). While none comes, a line a minute
+        says why (printed, and in the trace for the dashboard)."""
         def waiting(line: str) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] waiting for step {self.state.step + 1}: {line}", flush=True)
             self.trace.set_message(line)
             self._waiting_shown = True
 
         batch = await wait_for_batch(controller.get_batch(), self.stop_requested, controller.health,
-                                     self.cfg.trainer.stall_timeout_s, controller.waiting_line, waiting)
+                                     self.cfg.trainer.stall_timeout_s, controller.waiting_line, waiting,
+                                     broken=self.policy.failed())
         if batch is not None and self._waiting_shown:
             self.trace.set_message(None)
             self._waiting_shown = False
@@ -234,6 +236,8 @@ class TrainingRun:
             "n_env_errors": delta["env_errors"],
             "n_samples": stats["n_samples"], "update_s": stats["update_s"],
             "turns_per_episode": float(np.mean([len(e.turns) for g in batch for e in g.valid])) if rewards else 0.0,
+            # the generation engine's log-probs against the trainer's on fresh samples (when a step was taken)
+            **{k: v for k, v in stats.items() if k.startswith("logprob_gap_")},
             **self._generation_stats(),
         }
 
@@ -272,7 +276,8 @@ class TrainingRun:
         log.info("saved %s", path)
 
     async def _evaluate(self, pool: EnvPool, label: str) -> dict[str, float]:
-        from cua_kit.evaluate import run_eval  # evaluate imports build, not train: no cycle, but a lighter import
+        # evaluate imports build, not train: no cycle, but a lighter import
+        from cua_kit.evaluate import per_task_table, run_eval
 
         agent, episodes = make_agent(self.cfg, self.loaded.processor), self.cfg.trainer.eval_episodes
         result = await run_eval(self.cfg, self.policy, pool, agent, episodes, self.run_dir, label)
@@ -285,6 +290,10 @@ class TrainingRun:
                                    temperature)
             point["success_rate_sampled"] = extra["success_rate"]
             sampled = f" | sampled at T={temperature:g}: {100 * extra['success_rate']:.1f}%"
+        if "per_task" in result:  # envs with a task_key (MiniWoB++): the mean over tasks and each task's rate
+            point["task_mean_success_rate"] = result["task_mean_success_rate"]
+            point["per_task"] = {name: row["success_rate"] for name, row in result["per_task"].items()}
+            print(f"[Eval {label}] per task:\n{per_task_table(result)}", flush=True)
         print(f"[Eval {label}] held-out success: {100 * result['success_rate']:.1f}% "
               f"over {result['episodes']} episodes{sampled}", flush=True)
         with open(curve_path(self.run_dir), "a") as f:  # the learning curve, one line per eval

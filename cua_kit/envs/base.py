@@ -80,6 +80,13 @@ class Env(abc.ABC):
     name: ClassVar[str]
     # Which Qwen3-VL tool this env speaks: "mobile_use" (phones) or "computer_use" (desktop/web).
     tool: ClassVar[str] = "mobile_use"
+    # The `params` key naming the task an episode is a seed of, when evals should report success per task
+    # and the mean over tasks (MiniWoB++'s page name: its papers compare per-task tables); None = no table.
+    task_key: ClassVar[str | None] = None
+
+    @classmethod
+    def validate_task(cls, task: Task) -> None:  # noqa: B027 - most backends take any params
+        """Raise ValueError, saying why, when this backend cannot run `task` (runs check every task first)."""
 
     @abc.abstractmethod
     async def reset(self, task: Task) -> Observation: ...

@@ -1,6 +1,7 @@
 """MiniWoB++ tasks in real headless Chromium: the kit's embedded real environment.
 
-The task pages come from the PyPI `miniwob` wheel (plain HTML, no network). One `MiniWobBrowser`
+The task pages come from the PyPI `miniwob` wheel (plain HTML, no network); which of them run and why the
+others are refused is `miniwob_tasks.py`. One `MiniWobBrowser`
 (a Chromium process driven by async Playwright) is shared by many `MiniWobEnv`s in a process; each env
 has its own BrowserContext and page. The agent sees only the 160x210 CSS px task area, rendered at
 `device_scale_factor=2` (a 320x420 screenshot), and acts in pixels of that screenshot.
@@ -28,6 +29,7 @@ from PIL import Image
 
 from cua_kit.actions import Action
 from cua_kit.envs.base import Env, EnvError, Observation, StepResult, Task
+from cua_kit.envs.miniwob_tasks import check_task, miniwob_html_dir, task_names  # noqa: F401 (re-exported)
 
 # Debian's chromium-headless-shell (the old headless mode, what Playwright itself runs headless) is the
 # default. On the 2-core dev VM, 8 envs, same flags (docs/BENCHMARKS.md): with the old env code it did
@@ -78,6 +80,9 @@ OBSERVE_FN = """function cuaKitObserve() {
   return [WOB_DONE_GLOBAL === true, WOB_RAW_REWARD_GLOBAL, v ? v.pageLeft : scrollX, v ? v.pageTop : scrollY];
 }"""
 OBSERVE_JS = f"() => ({OBSERVE_FN})()"
+# The instruction text. Three email pages (email-inbox-nl-turk, -forward-nl, -forward-nl-turk) make
+# core.getUtterance() return {utterance, fields} (the fields are for DOM agents): the agent gets the text.
+UTTERANCE_JS = "(u => typeof u === 'string' ? u : u.utterance)(core.getUtterance())"
 # End any running episode, clear focus, seed the page's RNG and start. Pages time out after 7-30 s of
 # real time (a slow policy would score -1), so the limit is lifted to an hour. The page's countdown
 # display (right of the task area, never in a screenshot) is stopped: its 1 s repaint cost every idle
@@ -91,22 +96,8 @@ START_EPISODE_JS = f"""seed => {{
   core.startEpisodeReal();
   clearInterval(core.CD_TIMER);
   if (WOB_TASK_READY !== true) return null;
-  return [core.getUtterance(), ({OBSERVE_FN})()];
+  return [{UTTERANCE_JS}, ({OBSERVE_FN})()];
 }}"""
-
-
-def miniwob_html_dir() -> Path:
-    """The folder of task pages inside the installed `miniwob` wheel."""
-    try:
-        import miniwob
-    except ImportError as exc:
-        raise EnvError("the miniwob env needs `pip install miniwob==1.1.0 playwright`") from exc
-    return Path(miniwob.__file__).parent / "html" / "miniwob"
-
-
-def task_names() -> list[str]:
-    """All MiniWoB++ task names shipped in the wheel (e.g. 'click-button')."""
-    return sorted(p.stem for p in miniwob_html_dir().glob("*.html"))
 
 
 def default_chromium() -> str:
@@ -344,6 +335,7 @@ class MiniWobEnv(Env):
 
     name = "miniwob"
     tool = "computer_use"
+    task_key = "task"
 
     def __init__(self, browser: MiniWobBrowser | None = None, chromium_path: str | None = None, **_: Any):
         self._own_browser = browser is None  # shared per loop, refcounted; else the caller closes it
@@ -425,12 +417,18 @@ class MiniWobEnv(Env):
         return await self._call(self._page.evaluate(script, arg), what)
 
     # ---- Env protocol -----------------------------------------------------------------------------
+    @classmethod
+    def validate_task(cls, task: Task) -> None:
+        """A task the wheel lacks or the kit refuses: ValueError with the closest names or the reason."""
+        try:
+            check_task(task.params.get("task"))
+        except ValueError as exc:
+            raise ValueError(f"task {task.id!r}: {exc}") from None
+
     async def reset(self, task: Task) -> Observation:
-        name = task.params.get("task")
+        self.validate_task(task)
+        name = task.params["task"]
         page_file = miniwob_html_dir() / f"{name}.html"
-        if not name or not page_file.is_file():
-            raise ValueError(f"task {task.id!r}: params.task={name!r} is not a MiniWoB++ task; "
-                             f"pick one of miniwob.task_names() (e.g. 'click-button')")
         await self._open_page()
         self.task, self.done, self.history = task, False, []
         # Reload only for another task or every RELOAD_EVERY episodes: a reload costs ~100 ms, twice
@@ -444,7 +442,7 @@ class MiniWobEnv(Env):
         started = await self._js(START_EPISODE_JS, task.params.get("seed", 0), "starting the episode")
         if started is None:  # a few pages build their problem asynchronously
             await self._call(self._page.wait_for_function("WOB_TASK_READY === true"), "waiting for the task")
-            started = await self._js(f"() => [core.getUtterance(), ({OBSERVE_FN})()]")
+            started = await self._js(f"() => [{UTTERANCE_JS}, ({OBSERVE_FN})()]")
         self.instruction, state = started
         return Observation(screenshot=await self._screenshot(state), instruction=self.instruction)
 
@@ -573,8 +571,7 @@ class MiniWobEnv(Env):
 # Each oracle is the body of a JS function that returns the next step: click(element), type(text) or
 # key(name). It reads the query text and what is on screen (labels, a field's value, which box is
 # ticked); the DOM only tells it where those things are. It is stateless: every call looks afresh.
-ORACLE_JS_HELPERS = r"""
-const q = core.getUtterance();
+ORACLE_JS_HELPERS = f"const q = {UTTERANCE_JS};" + r"""
 const quoted = [...q.matchAll(/"([^"]*)"/g)].map(m => m[1]);
 const all = sel => [...document.querySelectorAll(sel)];
 const text = el => el.textContent.trim();

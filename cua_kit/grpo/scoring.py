@@ -42,8 +42,9 @@ def completion_targets(completions: Sequence[Sequence[int]], device: torch.devic
 
 def score(model: Any, processor: Any, rows: Sequence[tuple[list[int], list[int], list[Any]]],
           sampling: SamplingParams | float, device: torch.device, with_entropy: bool = False,
-          grammar: ActionGrammar | None = None) -> Scored:
+          grammar: ActionGrammar | None = None, inputs: dict[str, torch.Tensor] | None = None) -> Scored:
     """rows: (prompt_ids, completion_ids, images). Grad flows unless the caller is under no_grad.
+    `inputs`: the rows already collated (`models.inputs.collate`, on `device`), to reuse across passes.
 
     The log-probs are those of the sampling distribution (`inference.distribution.process_logits`: vision
     special tokens banned, the action grammar's mask when the policy was sampled under it (`grammar`),
@@ -54,7 +55,7 @@ def score(model: Any, processor: Any, rows: Sequence[tuple[list[int], list[int],
         sampling = SamplingParams(temperature=float(sampling))
     if sampling.temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {sampling.temperature}); pass the sampling temperature")
-    batch = collate(processor, [Row(p + c, imgs) for p, c, imgs in rows], device)
+    batch = inputs if inputs is not None else collate(processor, [Row(p + c, imgs) for p, c, imgs in rows], device)
     targets, mask = completion_targets([c for _, c, _ in rows], device)
     width = targets.shape[1]
     logits = model(**batch, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]

@@ -1,13 +1,21 @@
 """The GRPO update: optimizer steps on a batch of turn samples, each carrying its episode's advantage.
 
     prox = log pi_theta_old(...) recomputed once, before any step      (decoupled PPO, stale samples only)
+    ref  = log pi_ref(...) (adapter disabled / warm start), once per sample, before any step (k3 KL, beta = kl_ctl)
     for each of grpo.minibatches mini-batches (whole groups; 1 = one step per batch):
-        for each micro-batch (packed by token budget):
+        for each micro-batch (sorted by length, packed by token budget):
             logp   = log pi_theta(completion | prompt, images)          (grad)
-            ref    = log pi_ref(...) (adapter disabled / warm start)    (k3 KL, beta = kl_ctl)
-            loss  += weight * grpo_loss(logp, behav, A, ...)            (token_mean or seq_mean per mini-batch)
+            loss  += weight * grpo_loss(logp, behav, A, ref, ...)       (token_mean or seq_mean per mini-batch)
         clip grad norm; AdamW step
     LR schedule step; version += 1 (one version per rollout batch)
+
+The reference is frozen, so its log-probs are a property of the sample: `score_reference` computes them once
+per sample (kept while the sample lives) in no-grad passes that run before the first optimizer step, next to
+the proximal recompute and on the same collated inputs (a micro-batch's images are processed once per update).
+A caller may score the reference earlier, e.g. while the GPU waits on environments; the update then skips it.
+Micro-batches hold rows of similar length (`trainer.length_buckets`): less padding, and a micro-batch of equal
+lengths needs no attention mask, so sdpa can take its flash kernel. The loss is a sum over micro-batches
+weighted by their share of tokens (or sequences), so how rows are grouped does not change it.
 
 With more than one mini-batch, later mini-batches see weights already moved by earlier ones: the ratio
 to the behaviour (or proximal) log-probs is no longer 1 and the PPO clip bounds the move, as in PPO's
@@ -21,8 +29,9 @@ import contextlib
 import math
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -30,6 +39,7 @@ from cua_kit.config import GRPOConfig, TrainerConfig
 from cua_kit.grpo.losses import grpo_loss
 from cua_kit.grpo.scoring import score
 from cua_kit.inference.base import SamplingParams
+from cua_kit.models.inputs import Row, collate
 from cua_kit.models.loader import LoadedModel, reference_model
 from cua_kit.rollout.episode import TurnSample
 
@@ -75,20 +85,40 @@ def lr_lambda(warmup_steps: int, schedule: str, max_steps: int):
     return factor
 
 
-def pack_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Greedy packing in order: a micro-batch holds samples until the next would pass the budget
-    (a padded batch costs rows x longest row, which is what the budget bounds)."""
+def pack_micro_batches(samples: list[Sample], token_budget: int, max_padding: float = 1.0) -> list[list[Sample]]:
+    """Greedy packing in order: a micro-batch holds samples until the next would pass the budget (a padded
+    batch costs rows x longest row, which is what the budget bounds) or make padding more than `max_padding`
+    of the batch's tokens (1.0: no such limit)."""
     batches: list[list[Sample]] = []
     current: list[Sample] = []
     for s in samples:
-        longest = max([s.n_tokens] + [c.n_tokens for c in current])
-        if current and longest * (len(current) + 1) > token_budget:
+        rows = current + [s]
+        padded = max(r.n_tokens for r in rows) * len(rows)
+        if current and (padded > token_budget or 1 - sum(r.n_tokens for r in rows) / padded > max_padding):
             batches.append(current)
-            current = []
-        current.append(s)
+            rows = [s]
+        current = rows
     if current:
         batches.append(current)
     return batches
+
+
+def micro_batches(samples: list[Sample], token_budget: int, by_length: bool = True,
+                  max_padding: float = 0.1) -> list[list[Sample]]:
+    """`pack_micro_batches` over the samples sorted longest first (`by_length`): rows of similar length share a
+    micro-batch and at most `max_padding` of a micro-batch is padding; without `by_length`, the old packing in
+    order by the budget alone."""
+    if not by_length:
+        return pack_micro_batches(samples, token_budget)
+    return pack_micro_batches(sorted(samples, key=lambda s: s.n_tokens, reverse=True), token_budget, max_padding)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language model's decoder layers (`...language_model.layers.N`), wherever peft nests them."""
+    for name, module in model.named_modules():
+        if name.endswith("language_model.layers") and isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    raise ValueError("no language_model.layers in this model: trainer.compile supports Qwen-VL models")
 
 
 class GRPOTrainer:
@@ -109,6 +139,13 @@ class GRPOTrainer:
             self.optimizer, lr_lambda(trainer.warmup_steps, trainer.lr_schedule, trainer.max_steps))
         self.version = 0
         self._gap: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (behaviour, trainer) log-probs
+        self._ref: dict[int, torch.Tensor] = {}  # reference log-probs by id(turn), dropped with the turn
+        # collated micro-batches (with their samples, so the ids stay theirs) while an update runs, else None
+        self._inputs: dict[tuple[int, ...], tuple[list[Sample], dict[str, torch.Tensor]]] | None = None
+        # regional compilation: each decoder layer compiled once, switched on only inside `update` (generation
+        # shares these modules and would recompile for every decode shape)
+        self._compiled = [(m, torch.compile(m._call_impl, dynamic=True)) for m in decoder_layers(policy.model)
+                          ] if trainer.compile else []
 
     def _autocast(self):
         device = self.policy.device
@@ -119,12 +156,52 @@ class GRPOTrainer:
     def _rows(self, batch: list[Sample]) -> list[tuple[list[int], list[int], list[Any]]]:
         return [(s.turn.prompt_ids, s.turn.completion_ids, s.turn.images) for s in batch]
 
+    def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        return micro_batches(samples, self.cfg.micro_batch_tokens, self.cfg.length_buckets, self.cfg.max_padding)
+
+    def _collated(self, batch: list[Sample]) -> dict[str, torch.Tensor]:
+        """The model inputs of a micro-batch, collated (images processed) once per update and reused by every
+        pass over the same micro-batch (proximal, reference, gradient)."""
+        key = tuple(id(s) for s in batch)
+        cached = self._inputs.get(key) if self._inputs is not None else None
+        if cached is None:
+            cached = (batch, collate(self.policy.processor, [Row(p + c, imgs) for p, c, imgs in self._rows(batch)]))
+            if self._inputs is not None:
+                self._inputs[key] = cached
+        return {k: v.to(self.policy.device) for k, v in cached[1].items()}
+
     def _no_grad_logprobs(self, batch: list[Sample], reference: bool) -> torch.Tensor:
         model = self.policy.model
         ctx = reference_model(model) if reference else contextlib.nullcontext(model)
         with torch.no_grad(), self._autocast(), ctx as m:
             return score(m, self.policy.processor, self._rows(batch), self.sampling, self.policy.device,
-                         grammar=self.policy.action_grammar).logprobs
+                         grammar=self.policy.action_grammar, inputs=self._collated(batch)).logprobs
+
+    def score_reference(self, samples: list[Sample]) -> int:
+        """Reference log-probs of the samples not scored yet (no grad, under `reference_model`); returns how many
+        were scored. The reference is frozen, so each sample is scored once, however many mini-batches or updates
+        it goes through, and the result is kept as long as the sample (its turn) lives."""
+        todo = [s for s in {id(s.turn): s for s in samples}.values() if id(s.turn) not in self._ref]
+        if self.grpo.kl_ctl <= 0 or not todo:
+            return 0
+        for batch in self._micro_batches(todo):
+            logp = self._no_grad_logprobs(batch, reference=True)
+            for i, s in enumerate(batch):
+                key = id(s.turn)
+                self._ref[key] = logp[i, -len(s.turn.completion_ids):]
+                weakref.finalize(s.turn, self._ref.pop, key, None)  # the id may be reused once the turn is gone
+        return len(todo)
+
+    @contextlib.contextmanager
+    def _compiled_layers(self) -> Iterator[None]:
+        """`trainer.compile`: the compiled decoder layers run for this block only (nn.Module.compile's hook)."""
+        for module, compiled in self._compiled:
+            module._compiled_call_impl = compiled
+        try:
+            yield
+        finally:
+            for module, _ in self._compiled:
+                module._compiled_call_impl = None
 
     def update(self, samples: list[Sample]) -> dict[str, float]:
         """One optimizer step over `samples`; returns the step's stats and bumps `version`. The caller keeps
@@ -133,14 +210,14 @@ class GRPOTrainer:
         kept = [s for s in samples if s.n_tokens <= self.cfg.max_seq_length and s.turn.completion_ids]
         stats = {"n_samples": float(len(kept)), "n_too_long": float(len(samples) - len(kept))}
         self.policy.model.train()
-        prox = self._proximal(kept)
-        steps = []
-        for i, chunk in enumerate(split_minibatches(kept, self.grpo.minibatches)):
-            self._gap = [] if i == 0 else None  # the first mini-batch scores on the weights that generated
-            steps.append(self._minibatch_step(chunk, prox))
-            if self._gap:
-                stats.update(rollout_mismatch(torch.cat([b for b, _ in self._gap]), torch.cat([t for _, t in self._gap])))
-        self._gap = None
+        self._inputs = {}
+        try:
+            with self._compiled_layers():
+                prox = self._proximal(kept)
+                self.score_reference(kept)
+                steps = self._minibatch_steps(kept, prox, stats)
+        finally:
+            self._gap, self._inputs = None, None
         self._schedule_step(any(taken for taken, _ in steps))
         self.version += 1
         done = [totals for taken, totals in steps if taken]
@@ -149,6 +226,16 @@ class GRPOTrainer:
         stats.update(grad_norm=stats.pop("grad_norm", 0.0), optimizer_steps=float(len(done)),
                      lr=self.scheduler.get_last_lr()[0], update_s=time.perf_counter() - start)
         return stats
+
+    def _minibatch_steps(self, kept: list[Sample], prox: dict[int, torch.Tensor], stats: dict[str, float]
+                         ) -> list[tuple[bool, dict[str, float]]]:
+        steps = []
+        for i, chunk in enumerate(split_minibatches(kept, self.grpo.minibatches)):
+            self._gap = [] if i == 0 else None  # the first mini-batch scores on the weights that generated
+            steps.append(self._minibatch_step(chunk, prox))
+            if self._gap:
+                stats.update(rollout_mismatch(torch.cat([b for b, _ in self._gap]), torch.cat([t for _, t in self._gap])))
+        return steps
 
     def _proximal(self, samples: list[Sample]) -> dict[int, torch.Tensor]:
         """Proximal log-probs (by sample id), from the weights before this update's first step: of the stale
@@ -159,7 +246,7 @@ class GRPOTrainer:
         if not (self.grpo.decoupled and todo):
             return {}
         out: dict[int, torch.Tensor] = {}
-        for batch in pack_micro_batches(todo, self.cfg.micro_batch_tokens):
+        for batch in self._micro_batches(todo):
             logp = self._no_grad_logprobs(batch, reference=False)
             for i, s in enumerate(batch):
                 out[id(s)] = logp[i, -len(s.turn.completion_ids):]
@@ -178,7 +265,7 @@ class GRPOTrainer:
         return True, totals
 
     def _accumulate(self, samples: list[Sample], prox: dict[int, torch.Tensor]) -> dict[str, float]:
-        micro = pack_micro_batches(samples, self.cfg.micro_batch_tokens)
+        micro = self._micro_batches(samples)
         agg = self.grpo.loss_agg
         total = sum(len(s.turn.completion_ids) for s in samples) if agg == "token_mean" else len(samples)
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "entropy": 0.0}
@@ -193,12 +280,11 @@ class GRPOTrainer:
         device = self.policy.device
         behav = _right_aligned([s.turn.logprobs for s in batch], device)  # aligned like the scores
         # fresh samples' proximal log-probs are their behaviour log-probs (same weights)
-        prox = (_right_aligned([proximal[id(s)].tolist() if id(s) in proximal else s.turn.logprobs for s in batch],
-                               device) if proximal else None)
-        ref = self._no_grad_logprobs(batch, reference=True) if self.grpo.kl_ctl > 0 else None
+        prox = (_right_aligned([proximal.get(id(s), s.turn.logprobs) for s in batch], device) if proximal else None)
+        ref = _right_aligned([self._ref[id(s.turn)] for s in batch], device) if self.grpo.kl_ctl > 0 else None
         with self._autocast():
             scored = score(self.policy.model, self.policy.processor, self._rows(batch), self.sampling, device,
-                           with_entropy=True, grammar=self.policy.action_grammar)
+                           with_entropy=True, grammar=self.policy.action_grammar, inputs=self._collated(batch))
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device)
         loss, stats = grpo_loss(scored.logprobs, behav, adv, scored.mask, ref_logp=ref, prox_logp=prox,
                                 beta=self.grpo.kl_ctl, eps_low=self.grpo.eps_clip, eps_high=self.grpo.eps_clip_high,
@@ -246,10 +332,11 @@ def rollout_mismatch(behaviour: torch.Tensor, trainer: torch.Tensor) -> dict[str
             "logprob_gap_k3": float((torch.exp(log_ratio) - 1 - log_ratio).mean())}
 
 
-def _right_aligned(rows: list[list[float]], device: torch.device) -> torch.Tensor:
+def _right_aligned(rows: list[list[float] | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Rows of per-token values (lists, or tensors already on the device) right-aligned in a zero [B, T]."""
     width = max(len(r) for r in rows)
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    out = torch.zeros((len(rows), width), dtype=torch.float32, device=device)
     for i, r in enumerate(rows):
-        if r:
-            out[i, width - len(r):] = torch.tensor(r, dtype=torch.float32)
-    return out.to(device)
+        if len(r):
+            out[i, width - len(r):] = torch.as_tensor(r, dtype=torch.float32, device=device)
+    return out

@@ -88,7 +88,20 @@ class Policy(Protocol):
         """Cumulative counters since start: gen_calls, gen_requests, gen_busy_s (and backend-specific ones)."""
         ...
 
+    async def failed(self) -> BaseException:
+        """Returns (never, for a healthy backend) the error that left the backend unable to generate at all, e.g. a
+        server that could not be restarted: the training loop stops the run with it."""
+        ...
+
     async def close(self) -> None: ...
+
+
+def decode_completion(tokenizer: object, ids: list[int]) -> str:
+    """A completion's text (what the action parser reads): its ids decoded, special tokens kept, the end token cut."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)  # type: ignore[attr-defined]
+    for eos in ("<|im_end|>", "<|endoftext|>"):
+        text = text.removesuffix(eos)
+    return text
 
 
 @contextlib.asynccontextmanager

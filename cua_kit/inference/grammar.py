@@ -110,8 +110,22 @@ class ActionGrammar:
         self.vocab_size = vocab_size
         stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[stop])
-        grammar = xgr.Grammar.from_ebnf(action_call_ebnf(tool, coord_mode))
+        self.ebnf = action_call_ebnf(tool, coord_mode)  # also what a vLLM server gets (structured output)
+        grammar = xgr.Grammar.from_ebnf(self.ebnf)
         self.compiled = xgr.GrammarCompiler(info, max_threads=1).compile_grammar(grammar)
+        # <|endoftext|> (the pad id, which also ends an unconstrained completion) is no part of an action: a call
+        # ends with <|im_end|> only, and the token is never text inside one. vLLM's own grammar treats it as a stop
+        # token or as text depending on its version (0.32 / 0.26); banned here and by the vLLM backend, both agree.
+        pad = tokenizer.pad_token_id
+        self.never = [pad] if pad is not None and pad != stop and pad < vocab_size else []
+
+    def fill(self, matcher: xgr.GrammarMatcher, bitmask: torch.Tensor, row: int) -> None:
+        """Row `row` of `bitmask` := the tokens the grammar allows next, less the `never` ones."""
+        matcher.fill_next_token_bitmask(bitmask, row)
+        for token in self.never:
+            word, bit = divmod(token, 32)
+            value = int(bitmask[row, word]) & ~(1 << bit)
+            bitmask[row, word] = (value + 2**31) % 2**32 - 2**31  # back to a signed 32-bit word
 
     def logits_processor(self) -> "ActionLogitsProcessor":
         """A fresh processor for one `generate` call."""
@@ -124,7 +138,7 @@ class ActionGrammar:
         for row, tokens in enumerate(completions):
             matcher, first = xgr.GrammarMatcher(self.compiled), row * width + width - len(tokens)
             for t, token in enumerate(tokens):
-                matcher.fill_next_token_bitmask(bitmask, first + t)
+                self.fill(matcher, bitmask, first + t)
                 if not matcher.accept_token(int(token)):
                     bitmask[first + t] = -1  # off the grammar: unconstrained from here on
                     break
@@ -151,7 +165,7 @@ class ActionLogitsProcessor(transformers.LogitsProcessor):
             if matcher.is_terminated():
                 bitmask[row] = -1  # all allowed: HF pads finished rows itself
             else:
-                matcher.fill_next_token_bitmask(bitmask, row)
+                self.grammar.fill(matcher, bitmask, row)
         xgr.apply_token_bitmask_inplace(scores, bitmask.to(scores.device, non_blocking=True))
         return scores
 

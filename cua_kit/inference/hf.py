@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cua_kit.inference.base import Completion, GenerationRequest, SamplingParams
+from cua_kit.inference.base import Completion, GenerationRequest, SamplingParams, decode_completion
 from cua_kit.inference.distribution import DistributionProcessor, hf_sampling_kwargs
-from cua_kit.models.inputs import Row, collate, vision_special_ids
+from cua_kit.models.inputs import Row, collate, end_token_ids, vision_special_ids
 from cua_kit.models.loader import LoadedModel
 
 
@@ -50,8 +50,7 @@ class HFPolicy:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._suppress = vision_special_ids(loaded.tokenizer)
-        tok = loaded.tokenizer
-        self._eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
+        self._eos = end_token_ids(loaded.tokenizer)
         self.batch_sizes: list[int] = []  # how well requests were batched (tests, benchmarks, `stats`)
         self.busy_s = 0.0
 
@@ -74,6 +73,11 @@ class HFPolicy:
     def stats(self) -> dict[str, float]:
         return {"gen_calls": float(len(self.batch_sizes)), "gen_requests": float(sum(self.batch_sizes)),
                 "gen_busy_s": self.busy_s}
+
+    async def failed(self) -> BaseException:
+        """In-process generation has no server to lose: never returns."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         """(open, idle), made on first use in the running loop: both start set."""
@@ -186,10 +190,8 @@ class HFPolicy:
         end = next((i + 1 for i, t in enumerate(ids) if t in self._eos), None)
         finish = "stop" if end is not None else "length"
         ids = ids[:end] if end is not None else ids
-        text = self.loaded.tokenizer.decode(ids, skip_special_tokens=False)
-        for eos in ("<|im_end|>", "<|endoftext|>"):
-            text = text.removesuffix(eos)
-        return Completion(ids, logprobs[: len(ids)].tolist(), text, version, finish)
+        return Completion(ids, logprobs[: len(ids)].tolist(), decode_completion(self.loaded.tokenizer, ids), version,
+                          finish)
 
 
 STATIC_WIDTH = 64  # kv_cache=static: prompt widths are rounded up to a multiple of this

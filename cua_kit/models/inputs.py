@@ -31,6 +31,12 @@ def vision_special_ids(tokenizer: Any) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
+def end_token_ids(tokenizer: Any) -> list[int]:
+    """The tokens a completion ends with: <|im_end|> (the chat turn's end) and the pad token <|endoftext|>
+    (the model's other end of text); generation stops at either, in every backend."""
+    return [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id]
+
+
 def image_pixels(processor: Any, images: list[Image.Image]) -> dict[str, torch.Tensor]:
     if not images:
         return {}

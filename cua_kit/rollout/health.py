@@ -14,7 +14,8 @@ The rules (issue 18), applied to every episode as it ends (`RunHealth.record`):
     dead backend would otherwise fail every episode forever;
   * an error outside any episode (in the controller or the trace writer): at once;
   * no batch for `trainer.stall_timeout_s` while the trainer waits for one (`wait_for_batch`, the loop's
-    watchdog; the update, evals and checkpoints between steps don't count).
+    watchdog; the update, evals and checkpoints between steps don't count);
+  * a generation backend broken for good (the policy's `failed()`: a vLLM server that could not be restarted).
 - While no step comes, a line every WAITING_LINE_EVERY_S says what the rollouts are doing (`waiting_line`); the
   training loop prints it and writes it to the trace (`runs.message`), where the dashboard shows it.
 """
@@ -89,19 +90,26 @@ class RunHealth:
 
 
 async def wait_for_batch(get_batch: Awaitable[T], stop: asyncio.Event, health: RunHealth, stall_timeout_s: float,
-                         waiting_line: Callable[[float], str], on_wait: Callable[[str], None]) -> T | None:
+                         waiting_line: Callable[[float], str], on_wait: Callable[[str], None],
+                         broken: Awaitable[BaseException] | None = None) -> T | None:
     """The next batch, or None when `stop` is set first. Every WAITING_LINE_EVERY_S without one, `on_wait` gets
-    `waiting_line(seconds waited)`; after `stall_timeout_s`, RunFailure saying how the rollouts went."""
+    `waiting_line(seconds waited)`; after `stall_timeout_s`, RunFailure saying how the rollouts went. `broken`
+    (the policy's `failed()`) returns the error of a backend that can't generate any more: RunFailure too."""
     getter = asyncio.ensure_future(get_batch)
     stopper = asyncio.ensure_future(stop.wait())
+    breaker = asyncio.ensure_future(broken if broken is not None else asyncio.Event().wait())
     started = time.monotonic()
     try:
         while True:
             waited = time.monotonic() - started
             timeout = min(WAITING_LINE_EVERY_S, max(0.0, stall_timeout_s - waited))
-            done, _ = await asyncio.wait({getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({getter, stopper, breaker}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
             if stopper in done or stop.is_set():
                 return None
+            if breaker in done:
+                error = breaker.result()
+                raise RunFailure(f"the generation backend can't generate any more: {error}") from error
             if getter in done:
                 return getter.result()
             waited = time.monotonic() - started
@@ -110,6 +118,6 @@ async def wait_for_batch(get_batch: Awaitable[T], stop: asyncio.Event, health: R
                                  f"{health.summary()}")
             on_wait(waiting_line(waited))
     finally:
-        for future in (getter, stopper):
+        for future in (getter, stopper, breaker):
             if not future.done():
                 future.cancel()
