@@ -187,6 +187,8 @@ async def play_episode(env: Env, task: Task, policy: str, rng: random.Random, ma
         result.reward = float(await env.evaluate())
         result.env_s += time.perf_counter() - t0
     except EnvError as exc:
+        if result.reset_s == 0 and isinstance(exc.__cause__, ValueError):  # reset_s is set once reset returned
+            raise exc.__cause__ from None  # the env refused the task itself at reset: bad input, not an env error
         result.error = " ".join(str(exc).split())[:300]
         return result
     draw_action(obs.screenshot, None, label=f"end: reward {result.reward:g}").save(folder / "final.png")
