@@ -32,10 +32,13 @@ from cua_kit.trace import queries
 # Plain symbols, not emoji: headless/minimal systems often lack an emoji font.
 STATUS_BADGES = {"running": "● running", "starting": "○ starting", "finished": "✓ finished",
                  "failed": "✗ failed", "stopped": "■ stopped"}
-# (steps column, panel title); the last two say *why* a run may not learn.
+# (steps column, panel title); the last three say *why* a run may not learn (no signal, or a generation engine
+# whose log-probs drift from the trainer's: mean |behaviour - trainer| on fresh tokens).
 CURVES = [("reward_mean", "reward (mean)"), ("success_rate", "success rate"), ("pg_loss", "PG loss"),
           ("kl", "KL to reference"), ("lr", "learning rate"), ("staleness_mean", "staleness (mean)"),
-          ("episodes_per_hour", "episodes / hour"), ("zero_variance_frac", "zero-variance groups (frac)")]
+          ("episodes_per_hour", "episodes / hour"), ("zero_variance_frac", "zero-variance groups (frac)"),
+          ("logprob_gap_abs", "rollout vs trainer log-prob gap")]
+GRID_COLS = 3
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -102,12 +105,15 @@ def _curve_value(step: dict[str, Any], column: str) -> float | None:
     if column == "zero_variance_frac":
         n = step.get("n_groups")
         return step["n_zero_variance"] / n if n and step.get("n_zero_variance") is not None else None
+    if column not in step:  # measured per step but kept in extra_json (e.g. logprob_gap_abs)
+        return json.loads(step.get("extra_json") or "{}").get(column)
     return step.get(column)
 
 
 def curves_figure(runs: list[dict[str, Any]]) -> go.Figure:
-    """A 2x4 grid of training curves against step; each run is one colour across all panels."""
-    fig = make_subplots(rows=2, cols=4, subplot_titles=[title for _, title in CURVES],
+    """A grid of training curves against step; each run is one colour across all panels."""
+    rows = -(-len(CURVES) // GRID_COLS)
+    fig = make_subplots(rows=rows, cols=GRID_COLS, subplot_titles=[title for _, title in CURVES],
                         horizontal_spacing=0.06, vertical_spacing=0.16)
     for i, run in enumerate(runs):
         steps = run_steps(run)
@@ -118,8 +124,8 @@ def curves_figure(runs: list[dict[str, Any]]) -> go.Figure:
             fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
                                      name=run["name"], legendgroup=run["name"], showlegend=j == 0,
                                      line={"color": colour, "width": 2}, marker={"size": 4}),
-                          row=j // 4 + 1, col=j % 4 + 1)
-    fig.update_layout(height=560, margin={"l": 40, "r": 20, "t": 50, "b": 40}, template="plotly_white",
+                          row=j // GRID_COLS + 1, col=j % GRID_COLS + 1)
+    fig.update_layout(height=280 * rows, margin={"l": 40, "r": 20, "t": 50, "b": 40}, template="plotly_white",
                       legend={"orientation": "h", "y": -0.12})
     fig.update_xaxes(title_text="step", title_font={"size": 10})
     return fig

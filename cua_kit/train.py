@@ -105,7 +105,6 @@ class TrainingRun:
     async def main(self) -> dict[str, Any]:
         cfg = self.cfg
         pool = make_pool(cfg)
-        await self._sync_weights()  # a resumed run (or a server backend) serves the trainer's version from turn one
         controller = self._controller(pool)
         self._restore(controller)
         # rows written after the checkpoint by a killed run are dropped: the resumed run writes them again
@@ -117,6 +116,9 @@ class TrainingRun:
         self._install_signals()
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "status": "running"}
         try:
+            # after _restore: the policy serves the trainer's (resumed) version from turn one; a server backend starts
+            # here, and one that can't start fails the run with its own error (the run row says failed)
+            await self._sync_weights()
             if cfg.trainer.eval_episodes and self.state.step == 0:
                 summary["eval_before"] = await self._evaluate(pool, "before")
                 metrics.log(0, {"success_rate": summary["eval_before"]["success_rate"]}, prefix="eval/")

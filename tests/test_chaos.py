@@ -301,6 +301,8 @@ def test_sigkill_and_sigterm_at_random_points_then_resume(tmp_path, chaos):
     assert [s for (s,) in _rows(run_dir, "select step from steps order by step")] == list(range(1, 11))
     tasks = "select step, task_id from groups where step is not null order by step"
     assert _rows(run_dir, tasks) == _rows(reference / "quickstart" / "trial0", tasks)
+    # max_staleness 0: a resumed run generates with the resumed version from its first turn (it once started at 0)
+    assert _rows(run_dir, "select distinct staleness from turns where staleness is not null") == [(0,)]
     final = "checkpoints/checkpoint-10"
     ours, theirs = _lora(run_dir / final), _lora(reference / "quickstart" / "trial0" / final)
     diff = max(float((ours[k] - theirs[k]).abs().max()) for k in theirs)

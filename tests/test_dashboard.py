@@ -227,3 +227,20 @@ def test_stays_responsive_while_a_writer_writes(page, runs_dir):
         thread.join()
         writer.finish_run("finished")
         writer.close()
+
+
+def test_curves_show_the_rollout_trainer_logprob_gap(tmp_path):
+    """The gap a separate generation engine (vLLM) leaves between its log-probs and the trainer's is a curve of its
+    own; it lives in the steps rows' extra_json, and the panel shows exactly those values."""
+    run_dir = tmp_path / "runs" / "gap" / "t0"
+    run_dir.mkdir(parents=True)
+    with TraceWriter(run_dir / "trace.db", "gap-t0") as writer:
+        writer.start_run("gap", "t0", {})
+        for step, gap in [(1, 0.02), (2, 0.03), (3, 0.025)]:
+            writer.add_step({"step": step, "reward_mean": 0.5, "n_groups": 1, "time": time.time(),
+                             "extra_json": {"logprob_gap_abs": gap}})
+        writer.finish_run("finished")
+    fig = data.curves_figure(launch.list_runs(tmp_path / "runs"))
+    panel = [title for _, title in data.CURVES].index("rollout vs trainer log-prob gap")
+    trace = fig.data[panel]
+    assert list(trace.x) == [1, 2, 3] and list(trace.y) == [0.02, 0.03, 0.025]

@@ -376,6 +376,7 @@ def test_a_taken_port_stops_the_run_with_the_servers_own_error(vllm_python, tiny
     message = str(error.value)
     assert "Address already in use" in message.splitlines()[0]  # vLLM's own words, first
     assert f"--- last lines of {cfg.run_dir / 'vllm.log'} ---" in message
+    assert db_rows(cfg.run_dir, "select status from runs") == [("failed",)]
 
 
 def test_a_bad_model_path_fails_the_start_with_the_servers_own_error(vllm_python, tiny_model_dir, tmp_path):
