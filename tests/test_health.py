@@ -171,3 +171,29 @@ def test_the_eval_progress_bar_shows_on_a_terminal_that_reports_no_size():
         pass
     os.close(master)
     assert proc.returncode == 0 and b"eval before:  67%" in seen and b"2/3" in seen
+
+
+def test_a_run_with_no_batch_says_why_then_fails_in_the_trace_and_the_dashboard(tmp_path, monkeypatch, capsys):
+    """The whole loop: every group filtered (a random policy never succeeds), so no step comes. The log prints a
+    waiting line, the trace and the dashboard's Runs table say why, and the stall timeout ends the run as failed."""
+    from pathlib import Path
+
+    from app import data
+    from cua_kit import launch
+    from cua_kit.config import load_config
+    from cua_kit.train import train
+
+    monkeypatch.setattr(health_module, "WAITING_LINE_EVERY_S", 1.0)
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(quickstart, [f"output_dir={tmp_path}", "model.adapter_path=", "trainer.eval_episodes=0",
+                                   "rollout.n_samples=2", "trainer.batch_size=1", "rollout.max_turns=1",
+                                   "rollout.max_new_tokens=8", "rollout.max_concurrent_rollouts=2",
+                                   "rollout.filter_zero_variance=true", "trainer.stall_timeout_s=4",
+                                   "logging.tensorboard=false"], environ={})
+    summary = train(cfg)
+    assert summary["status"] == "failed" and summary["reason"].startswith("no batch in 4 s")
+    assert "waiting for step 1: no batch for" in capsys.readouterr().out
+    [run] = launch.list_runs(tmp_path)
+    assert run["status"] == "failed" and run["message"] == summary["reason"]
+    [row] = data.runs_table([run])
+    assert row[data.RUNS_HEADERS.index("note")] == summary["reason"]
