@@ -69,6 +69,11 @@ class Dashboard:
     def run_names(self) -> list[str]:
         return [r["name"] for r in launch.list_runs(self.runs_dir)]
 
+    def training_names(self) -> list[str]:
+        """Runs that are not another run's held-out eval, newest first: what the dashboard opens on (an eval's
+        trace is written after its run started, so it is newer, but it is a sub-run with no steps)."""
+        return [r["name"] for r in launch.training_runs(launch.list_runs(self.runs_dir))]
+
     def runs_tab(self) -> list[list[Any]]:
         return data.runs_table(launch.list_runs(self.runs_dir))
 
@@ -171,15 +176,15 @@ class Dashboard:
         unless the overrides set it)."""
         if not config:
             return "✗ pick a config first", gr.skip(), gr.skip()
-        tokens = shlex.split(overrides or "")
-        layout = [f"launch.allocation={allocation.strip()}"] if (allocation or "").strip() else []
-        place = [f"model.device={device}"] if device and not any(t.lstrip("-").startswith("model.device=")
-                                                                  for t in tokens) else []
         try:
+            tokens = shlex.split(overrides or "")  # unbalanced quotes: a ValueError, refused below
+            layout = [f"launch.allocation={allocation.strip()}"] if (allocation or "").strip() else []
+            place = [f"model.device={device}"] if device and not any(t.lstrip("-").startswith("model.device=")
+                                                                      for t in tokens) else []
             run = launch.launch_run(config, [*place, *layout, *tokens], self.runs_dir)
         except ConfigError as exc:
             return f"✗ **config error:** {exc}", gr.skip(), gr.skip()
-        except (launch.LaunchError, ValueError) as exc:
+        except (launch.LaunchError, ValueError, OSError) as exc:
             return f"✗ **launch refused:** {exc}", gr.skip(), gr.skip()
         name = str(Path(run.run_dir).relative_to(self.runs_dir))
         names = self.run_names()
@@ -204,14 +209,15 @@ class Dashboard:
         log = Path(run["run_dir"]) / launch.LOG_FILE
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
         badge = data.STATUS_BADGES.get(run["effective_status"], run["effective_status"])
-        return f"**{name}**: {badge} · step {run.get('n_steps', 0)}", tail
+        note = f"\n\n{run['message']}" if run.get("message") else ""  # why it failed, or why no step comes
+        return f"**{name}**: {badge} · step {run.get('n_steps', 0)}{note}", tail
 
 
 # ----------------------------------------------------------------------------- layout
 def build_app(runs_dir: str | Path) -> gr.Blocks:
     dash = Dashboard(runs_dir)
-    names = dash.run_names()
-    first = names[0] if names else None
+    names, trained = dash.run_names(), dash.training_names()
+    first = (trained or names or [None])[0]
     with gr.Blocks(title="cua-kit dashboard") as demo:
         gr.Markdown(f"## cua-kit dashboard · `{dash.runs_dir}`")
         with gr.Row():
@@ -219,10 +225,10 @@ def build_app(runs_dir: str | Path) -> gr.Blocks:
             refresh = gr.Button("↻ refresh", scale=1, elem_id="refresh")
         with gr.Tabs(selected="runs", elem_id="tabs") as tabs:
             runs_df = _runs_tab(dash)
-            curve_pick, plot = _curves_tab(dash, names)
+            curve_pick, plot = _curves_tab(dash, names, trained[:3])
             step_pick, groups_view, samples_df = _groups_tab()
             replay = _replay_tab()
-            launch_ui = _launch_tab(dash, names)
+            launch_ui = _launch_tab(dash, names, first)
         timer = gr.Timer(REFRESH_S)
         _wire(dash, demo, run_pick, refresh, tabs, runs_df, curve_pick, plot, step_pick, groups_view,
               samples_df, replay, launch_ui, timer)
@@ -237,10 +243,10 @@ def _runs_tab(dash: Dashboard) -> gr.Dataframe:
                             wrap=True)
 
 
-def _curves_tab(dash: Dashboard, names: list[str]) -> tuple[gr.Dropdown, gr.Plot]:
+def _curves_tab(dash: Dashboard, names: list[str], shown: list[str]) -> tuple[gr.Dropdown, gr.Plot]:
     with gr.Tab("Curves", id="curves"):
-        pick = gr.Dropdown(names, value=names[:3], multiselect=True, label="runs to overlay", elem_id="curve-pick")
-        plot = gr.Plot(lambda: dash.curves(names[:3]), elem_id="curves-plot")
+        pick = gr.Dropdown(names, value=shown, multiselect=True, label="runs to overlay", elem_id="curve-pick")
+        plot = gr.Plot(lambda: dash.curves(shown), elem_id="curves-plot")
     return pick, plot
 
 
@@ -271,7 +277,7 @@ def _replay_tab() -> dict[str, Any]:
     return ui
 
 
-def _launch_tab(dash: Dashboard, names: list[str]) -> dict[str, Any]:
+def _launch_tab(dash: Dashboard, names: list[str], first: str | None) -> dict[str, Any]:
     configs = launch.list_configs(dash.runs_dir)
     with gr.Tab("Launch", id="launch"):
         ui: dict[str, Any] = {}
@@ -288,7 +294,7 @@ def _launch_tab(dash: Dashboard, names: list[str]) -> dict[str, Any]:
         ui["start"] = gr.Button("▶ start run", variant="primary", elem_id="launch-start")
         ui["message"] = gr.Markdown(elem_id="launch-message")
         with gr.Row():
-            ui["run"] = gr.Dropdown(names, value=names[0] if names else None, label="run", elem_id="launch-run", scale=3)
+            ui["run"] = gr.Dropdown(names, value=first, label="run", elem_id="launch-run", scale=3)
             ui["stop"] = gr.Button("■ stop (SIGTERM, then SIGKILL)", variant="stop", elem_id="launch-stop", scale=1)
         ui["status"] = gr.Markdown(elem_id="launch-status")
         ui["log"] = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, elem_id="launch-log", autoscroll=True)

@@ -91,11 +91,13 @@ def runs_table(runs: list[dict[str, Any]]) -> list[list[Any]]:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started_at"])) if run.get("started_at") else "—"
         table.append([run["name"], STATUS_BADGES.get(run["effective_status"], run["effective_status"]),
                       last.get("step", 0), _fmt(last.get("success_rate")), learning_trend(steps),
-                      _fmt(last.get("episodes_per_hour"), 0), _config_summary(run), started])
+                      _fmt(last.get("episodes_per_hour"), 0), _config_summary(run), started, run.get("message") or ""])
     return table
 
 
-RUNS_HEADERS = ["run", "status", "step", "success rate", "reward first → last", "episodes/h", "config", "started"]
+# "note": why a run failed, or why no step has come for a while (the trainer's watchdog line, runs.message)
+RUNS_HEADERS = ["run", "status", "step", "success rate", "reward first → last", "episodes/h", "config", "started",
+                "note"]
 
 
 # ----------------------------------------------------------------------------- curves
@@ -204,8 +206,12 @@ class ReplayPathError(ValueError):
 
 
 def screenshot_file(runs_dir: Path, run_dir: Path, relative: str) -> Path:
-    """The screenshot's absolute path; refuses anything that resolves outside runs_dir ('..', absolute, links)."""
-    path = (run_dir / relative).resolve()
+    """The screenshot's absolute path; refuses anything that resolves outside runs_dir ('..', absolute, links)
+    or can't be a path at all (a NUL byte)."""
+    try:
+        path = (run_dir / relative).resolve()
+    except (OSError, ValueError) as exc:
+        raise ReplayPathError(f"screenshot path {relative!r} is not a usable path ({exc}); not shown") from None
     if not path.is_relative_to(runs_dir.resolve()):
         raise ReplayPathError(f"screenshot path {relative!r} is outside the runs folder; not shown")
     return path

@@ -9,9 +9,9 @@ machine: >= 50 steps/s with 8 envs. use-autocomplete is left out: its oracle sle
 page's suggestion delay, which measures the page, not the env. Prints a table and writes JSON:
 
     python bench/env_miniwob.py [--envs 1,8] [--episodes-per-task 1,8] [--seconds 20] [--fixed-work]
-                                [--policy oracle|random] [--max-steps 12] [--out bench/results/env_miniwob.json]
+                                [--player oracle|random] [--max-steps 12] [--out bench/results/env_miniwob.json]
 
-`--policy random` plays the kit's uniformly random policy instead (no DOM look-ups, so the wall time is
+`--player random` plays the kit's uniformly random policy instead (no DOM look-ups, so the wall time is
 env time only; episodes run until the page ends them or --max-steps): the rate a rollout whose policy
 costs nothing would see, with fewer resets per step than the oracle's one- and two-step episodes.
 """
@@ -195,7 +195,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per env count")
     parser.add_argument("--fixed-work", action="store_true",
                         help="instead of --seconds: every task x episodes-per-task seeds, split among the envs")
-    parser.add_argument("--policy", choices=("oracle", "random"), default="oracle",
+    parser.add_argument("--player", "--policy", dest="policy", choices=("oracle", "random"), default="oracle",
                         help="oracle (default; success should be 1.00) or the kit's random policy (no policy time)")
     parser.add_argument("--max-steps", type=int, default=12, help="steps per episode at most")
     parser.add_argument("--chromium", default=None,

@@ -40,6 +40,11 @@ and parse(format(a)) == a for every valid action. If side > 1000 the same argume
 swapped shows every grid value round-trips, so format(parse(t)) == t for every valid text. In both
 cases format(parse(t)) == t for the canonical texts (those format_action writes).
 Grid values outside 0..999 (Qwen3-VL sometimes says 1000) are invalid, as are pixels off-screen.
+
+Bounds (the action grammar of `inference/grammar.py` has the same ones, so a constrained completion is always
+an action the parser accepts): numbers of at most NUMBER_DIGITS digits, times in [0, SECONDS_MAX] seconds,
+texts of at most TEXT_MAX_CHARS characters, at most KEYS_MAX keys. Texts are made valid Unicode (a lone
+surrogate escape such as "\\ud800" becomes U+FFFD).
 """
 from __future__ import annotations
 
@@ -105,6 +110,14 @@ class InvalidAction:
 # ---------------------------------------------------------------------------------------------
 
 GRID_MAX = 999  # relative mode: the model sees a 0..999 grid on each axis (Qwen3-VL's convention)
+# Bounds the parser enforces and the action grammar (inference/grammar.py) writes into its rules, so that
+# constrained decoding can only write what the parser accepts, and no number or text the parser accepts can
+# overflow an env or crash the next turn's tokenizer.
+NUMBER_DIGITS = 5  # pixel coordinates and scroll amounts have at most 5 digits
+NUMBER_MAX = 10 ** NUMBER_DIGITS - 1
+SECONDS_MAX = 100.0  # `time` of wait / long_press, seconds
+TEXT_MAX_CHARS = 1000  # characters of a typed text, an answer, a key name
+KEYS_MAX = 8  # keys pressed together in one computer_use `key` action
 COORD_MODES: tuple[str, ...] = ("relative", "absolute")
 TOOLS: tuple[str, ...] = ("mobile_use", "computer_use")
 SCROLL_PIXELS = 300  # computer_use scroll amount the formatter writes; our Action has no amount
@@ -191,7 +204,7 @@ def _call_arguments(call: dict[str, Any], tool: str) -> dict[str, Any]:
     if "action" in call and "arguments" not in call:
         return call
     if call.get("name") != tool:
-        raise _Bad(f"unknown tool {call.get('name')!r}; expected {tool!r}")
+        raise _Bad(f"unknown tool {_short(call.get('name'))}; expected {tool!r}")
     args = call.get("arguments")
     if isinstance(args, str):  # OpenAI-style servers send arguments as a JSON string
         try:
@@ -203,28 +216,53 @@ def _call_arguments(call: dict[str, Any], tool: str) -> dict[str, Any]:
     return args
 
 
+def _short(value: Any) -> str:
+    """A value for a reason: its repr, cut (a completion can hold a 1,000-digit number or a 10 kB string)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 60 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """An int or a finite float (not a bool). Huge ints pass here and fail the range checks: math.isfinite
+    would raise OverflowError on them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
-def _number(args: dict[str, Any], key: str) -> float:
+def _number(args: dict[str, Any], key: str, low: float, high: float) -> float:
     value = args.get(key)
     if not _is_number(value):
-        raise _Bad(f"{key!r} must be a number, got {value!r}")
-    return float(value)
+        raise _Bad(f"{key!r} must be a number, got {_short(value)}")
+    if not low <= value <= high:
+        raise _Bad(f"{key!r} must be in [{low:g}, {high:g}], got {_short(value)}")
+    return float(value) + 0.0  # + 0.0: -0.0 becomes 0.0, which the formatter and the grammar write
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (JSON allows "\\ud800") replaced by U+FFFD: such a string can't be encoded
+    as UTF-8, so it would crash the tokenizer of the next turn's prompt, the trace and the env."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _text(args: dict[str, Any], key: str) -> str:
-    value = args.get(key)
+    return _string(args.get(key), key)
+
+
+def _string(value: Any, key: str) -> str:
     if not isinstance(value, str):
-        raise _Bad(f"{key!r} must be a string, got {value!r}")
-    return value
+        raise _Bad(f"{key!r} must be a string, got {_short(value)}")
+    if len(value) > TEXT_MAX_CHARS:
+        raise _Bad(f"{key!r} is longer than {TEXT_MAX_CHARS} characters ({len(value)})")
+    return valid_unicode(value)
 
 
 def _point(args: dict[str, Any], key: str, screen_size: tuple[int, int], coord_mode: str) -> tuple[int, int]:
     value = args.get(key)
     if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
-        raise _Bad(f"{key!r} must be [x, y] with two numbers, got {value!r}")
+        raise _Bad(f"{key!r} must be [x, y] with two numbers, got {_short(value)}")
+    if not all(abs(v) <= NUMBER_MAX for v in value):
+        raise _Bad(f"{key!r}: point {_short(value)} is off any screen (|x|, |y| <= {NUMBER_MAX})")
     mx, my = value
     try:
         return to_pixels(math.floor(mx + 0.5), math.floor(my + 0.5), screen_size, coord_mode)
@@ -235,15 +273,12 @@ def _point(args: dict[str, Any], key: str, screen_size: tuple[int, int], coord_m
 def _status(args: dict[str, Any]) -> str:
     status = _text(args, "status").lower()
     if status not in ("success", "failure", "fail"):
-        raise _Bad(f"'status' must be success or failure, got {status!r}")
+        raise _Bad(f"'status' must be success or failure, got {_short(status)}")
     return "success" if status == "success" else "fail"
 
 
 def _duration(args: dict[str, Any]) -> float:
-    seconds = _number(args, "time")
-    if seconds < 0:
-        raise _Bad(f"'time' must be >= 0 seconds, got {seconds}")
-    return seconds
+    return _number(args, "time", 0, SECONDS_MAX)
 
 
 def _mobile_action(name: str, args: dict[str, Any], size: tuple[int, int], mode: str) -> Action:
@@ -259,7 +294,7 @@ def _mobile_action(name: str, args: dict[str, Any], size: tuple[int, int], mode:
     if name == "system_button":
         button = _text(args, "button").lower()
         if button not in _SYSTEM_BUTTONS:
-            raise _Bad(f"'button' must be one of Back, Home, Menu, Enter, got {args['button']!r}")
+            raise _Bad(f"'button' must be one of Back, Home, Menu, Enter, got {_short(args['button'])}")
         return Action("key", text=button)
     if name == "key":
         return Action("key", text=_text(args, "text"))
@@ -276,7 +311,7 @@ def _computer_action(name: str, args: dict[str, Any], size: tuple[int, int], mod
         (x, y), (x2, y2) = _point(args, "start_coordinate", size, mode), _point(args, "coordinate", size, mode)
         return Action("swipe", x=x, y=y, x2=x2, y2=y2)
     if name in ("scroll", "hscroll"):
-        pixels = _number(args, "pixels")
+        pixels = _number(args, "pixels", -NUMBER_MAX, NUMBER_MAX)
         if pixels == 0:
             raise _Bad("'pixels' must not be 0")
         direction = {("scroll", True): "up", ("scroll", False): "down",
@@ -287,9 +322,12 @@ def _computer_action(name: str, args: dict[str, Any], size: tuple[int, int], mod
         return Action("scroll", x=x, y=y, direction=direction)
     if name == "key":
         keys = args.get("keys")
-        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
-            raise _Bad(f"'keys' must be a non-empty list of key names, got {keys!r}")
-        return Action("key", text="+".join(keys))
+        if not (isinstance(keys, list) and 0 < len(keys) <= KEYS_MAX and all(isinstance(k, str) and k for k in keys)):
+            raise _Bad(f"'keys' must be a list of 1 to {KEYS_MAX} key names, got {_short(keys)}")
+        if any("+" in k for k in keys[:-1]) or ("+" in keys[-1] and keys[-1] != "+"):
+            # our Action joins keys with "+": only a lone "+" key, last, reads back unambiguously
+            raise _Bad(f"a key name can't hold '+' (only a lone '+' key, last), got {_short(keys)}")
+        return Action("key", text="+".join(_string(k, "keys") for k in keys))
     return _common_action(name, args)
 
 
@@ -305,7 +343,7 @@ def _common_action(name: str, args: dict[str, Any]) -> Action:
         return Action("finish", status="success", answer=_text(args, "text"))
     if name in _UNSUPPORTED:
         raise _Bad(f"action {name!r} is not supported: {_UNSUPPORTED[name]}")
-    raise _Bad(f"unknown action {name!r}")
+    raise _Bad(f"unknown action {_short(name)}")
 
 
 def _check_tool(tool: str) -> None:
@@ -334,11 +372,11 @@ def parse_action(
         args = _call_arguments(_find_call(raw), tool)
         name = args.get("action")
         if not isinstance(name, str):
-            raise _Bad(f"'action' must be a string, got {name!r}")
+            raise _Bad(f"'action' must be a string, got {_short(name)}")
         to_action = _mobile_action if tool == "mobile_use" else _computer_action
         action = to_action(name, args, screen_size, coord_mode)
         if allowed is not None and name not in allowed and action.kind not in allowed:
-            raise _Bad(f"action {name!r} is not allowed here; allowed: {sorted(allowed)}")
+            raise _Bad(f"action {_short(name)} is not allowed here; allowed: {sorted(allowed)}")
         return action
     except _Bad as e:
         return InvalidAction(reason=str(e), raw=raw)

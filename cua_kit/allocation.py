@@ -49,20 +49,20 @@ def parse(text: str) -> Allocation:
     for part in [p.strip() for p in text.split("+") if p.strip()]:
         m = _PART.match(part)
         if not m:
-            raise AllocationError(f"launch.allocation: can't read {part!r}; write {SYNTAX}")
+            raise AllocationError(f"{part!r} can't be read; write {SYNTAX}")
         kind, d, p, t = m.group(1) or "fsdp", int(m.group(2)), int(m.group(3) or 1), int(m.group(4) or 1)
         if d < 1 or t < 1:
-            raise AllocationError(f"launch.allocation: {part!r} needs d >= 1 and t >= 1")
+            raise AllocationError(f"{part!r} needs d >= 1 and t >= 1")
         if p != 1:
-            raise AllocationError(f"launch.allocation: {part!r}: pipeline parallelism (p{p}) is not supported; use p1")
+            raise AllocationError(f"{part!r}: pipeline parallelism (p{p}) is not supported; use p1")
         if kind == "fsdp":
             if t != 1:
-                raise AllocationError(f"launch.allocation: {part!r}: the trainer shards with FSDP (dZ); "
+                raise AllocationError(f"{part!r}: the trainer shards with FSDP (dZ); "
                                       "tensor parallelism (t) is for the vLLM part")
             alloc = Allocation(alloc.vllm_servers, alloc.vllm_tp, d)
         else:
             if d != 1:
-                raise AllocationError(f"launch.allocation: {part!r}: the vLLM backend drives one server (issue 13); "
+                raise AllocationError(f"{part!r}: the vLLM backend drives one server (issue 13); "
                                       f"write vllm:d1t{t * d} for one server on {t * d} GPUs")
             alloc = Allocation(d, t, alloc.trainers)
     return alloc

@@ -7,7 +7,9 @@ written by N FSDP ranks loads on M ranks or on one process), the LR schedule and
 every RNG state (`rng.pt`; `rng-rank<r>.pt` for the other ranks of a distributed run), and `state.json`
 (step, version, controller/data position, counters). It is written into a temporary folder and renamed
 into place, so a SIGKILL at any moment leaves either the whole checkpoint or none; `latest_checkpoint`
-ignores leftovers. The last `keep_last` are kept.
+ignores leftovers. The last `keep_last` of the run are kept, and never the one just written: state.json
+carries the run's id, and only checkpoints of the same run are pruned (`cua_kit.run_folder` keeps other
+runs' checkpoints out of the folder).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, trainer: Any, state: dict[str, An
     if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _prune(ckpt_dir, keep_last)
+    _prune(ckpt_dir, keep_last, final)
     return final
 
 
@@ -98,12 +100,31 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+def _prune(ckpt_dir: Path, keep_last: int, newest: Path) -> None:
+    """Delete all but the `keep_last` newest checkpoints of `newest`'s run (by step); `newest` always stays."""
+    run_id = _run_id(newest)
+    ours = [p for p in list_checkpoints(ckpt_dir) if p != newest and _run_id(p) == run_id
+            and checkpoint_step(p) < checkpoint_step(newest)]
+    for old in ours[: max(0, len(ours) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in ckpt_dir.glob(".tmp-checkpoint-*"):  # from a process killed mid-write
         if not leftover.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step in a checkpoint folder's name (checkpoint-<step>)."""
+    match = _NAME.match(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint-<step> folder")
+    return int(match.group(1))
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

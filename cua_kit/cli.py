@@ -53,6 +53,8 @@ def _config_and_overrides(args: argparse.Namespace, extra: list[str]) -> tuple[s
         config = None
     if "--config" in overrides:
         i = overrides.index("--config")
+        if i + 1 >= len(overrides) or "=" in overrides[i + 1]:
+            raise ConfigError("--config needs a YAML file after it, e.g. --config configs/quickstart.yaml")
         config = overrides[i + 1]
         del overrides[i : i + 2]
     return config, overrides

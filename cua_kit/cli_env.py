@@ -1,13 +1,15 @@
-"""`cua-kit env`: look at the environment backends, watch a policy play them, sweep leaked cloud boxes.
+"""`cua-kit env`: look at the environment backends, watch a scripted player play them, sweep leaked cloud boxes.
 
     cua-kit env list                          backends, whether they run here, shipped task sets
-    cua-kit env demo synth --task synth-L1 --policy oracle --episodes 8
+    cua-kit env demo synth --task synth-L1 --player oracle --episodes 8
     cua-kit env sweep gbox --dry-run          boxes cua-kit left running in the GBox cloud
 
 `demo` runs whole episodes through the same `Env` protocol the trainer uses, with the env's own oracle
-(`env.oracle_action()`) or a uniformly random policy (`actions.random_action`), and saves every step's
+(`env.oracle_action()`) or a uniformly random player (`actions.random_action`), and saves every step's
 screenshot with the action drawn on it, so a person can see what an env looks like and check that its
-reward means what it should (the oracle near 100%, random far below).
+reward means what it should (the oracle near 100%, random far below). The envs run in an `EnvPool` as in
+training: an env error (a box answering 5xx, a browser that died) ends that episode, which is counted and
+not scored, a fresh env takes over, and the demo goes on; its exit code is 1 when any episode hit one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repo's data/ (not
 TASK_FILES = {"synth": "synth_tasks.jsonl", "miniwob": "miniwob_tasks.yaml", "gbox": "gbox_tasks.yaml"}  # defaults
 # Also shipped: the quickstart's level-0 set; every MiniWoB++ task that runs (python -m cua_kit.envs.miniwob_tasks).
 MORE_TASK_FILES = [("synth", "synth_L0.jsonl"), ("miniwob", "miniwob_all.jsonl")]
-DEFAULT_MAX_STEPS = 20  # a cap for envs that never end an episode themselves (a random policy on gbox)
+DEFAULT_MAX_STEPS = 20  # a cap for envs that never end an episode themselves (a random player on gbox)
 
 
 def task_file(env: str, override: str | None = None) -> Path:
@@ -145,10 +147,11 @@ class EpisodeResult:
 
     task: str
     steps: int
-    reward: float
+    reward: float | None
     folder: str
     reset_s: float  # the reset alone (the first one includes starting a browser or a box)
-    env_s: float  # time in env calls and the policy, reset included (drawing and saving excluded)
+    env_s: float  # time in env calls and the player, reset included (drawing and saving excluded)
+    error: str | None = None  # the env error that ended the episode (then `reward` is None: not scored)
 
 
 def safe_name(text: str) -> str:
@@ -156,62 +159,84 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-async def play_episode(env: Env, task: Task, policy: str, rng: random.Random, max_steps: int,
+async def play_episode(env: Env, task: Task, player: str, rng: random.Random, max_steps: int,
                        folder: Path) -> EpisodeResult:
-    """Reset, act until the env says done or `max_steps`, evaluate; save step_NN.png and final.png."""
+    """Reset, act until the env says done or `max_steps`, evaluate; save step_NN.png and final.png. An env error
+    ends the episode: it comes back with `error` set and no reward."""
     from cua_kit.actions import random_action
     from cua_kit.draw import draw_action
+    from cua_kit.envs import EnvError
 
     folder.mkdir(parents=True, exist_ok=True)
+    result = EpisodeResult(task.id, 0, None, str(folder), 0.0, 0.0)
     t0 = time.perf_counter()
-    obs = await env.reset(task)
-    reset_s = env_s = time.perf_counter() - t0
-    steps = 0
-    while steps < max_steps:
+    try:
+        obs = await env.reset(task)
+        result.reset_s = result.env_s = time.perf_counter() - t0
+        while result.steps < max_steps:
+            t0 = time.perf_counter()
+            action = await env.oracle_action() if player == "oracle" else random_action(rng, obs.size)
+            stepped = await env.step(action)
+            result.env_s += time.perf_counter() - t0
+            picture = draw_action(obs.screenshot, action, label=f"step {result.steps}")
+            picture.save(folder / f"step_{result.steps:02d}.png")
+            obs, result.steps = stepped.observation, result.steps + 1
+            if stepped.done:
+                break
         t0 = time.perf_counter()
-        action = await env.oracle_action() if policy == "oracle" else random_action(rng, obs.size)
-        result = await env.step(action)
-        env_s += time.perf_counter() - t0
-        draw_action(obs.screenshot, action, label=f"step {steps}").save(folder / f"step_{steps:02d}.png")
-        obs, steps = result.observation, steps + 1
-        if result.done:
-            break
-    t0 = time.perf_counter()
-    reward = float(await env.evaluate())
-    env_s += time.perf_counter() - t0
-    draw_action(obs.screenshot, None, label=f"end: reward {reward:g}").save(folder / "final.png")
-    return EpisodeResult(task.id, steps, reward, str(folder), reset_s, env_s)
+        result.reward = float(await env.evaluate())
+        result.env_s += time.perf_counter() - t0
+    except EnvError as exc:
+        if result.reset_s == 0 and isinstance(exc.__cause__, ValueError):  # reset_s is set once reset returned
+            raise exc.__cause__ from None  # the env refused the task itself at reset: bad input, not an env error
+        result.error = " ".join(str(exc).split())[:300]
+        return result
+    draw_action(obs.screenshot, None, label=f"end: reward {result.reward:g}").save(folder / "final.png")
+    return result
 
 
-async def run_demo_episodes(env_name: str, tasks: list[Task], policy: str, episodes: int, out: Path,
+async def run_demo_episodes(env_name: str, tasks: list[Task], player: str, episodes: int, out: Path,
                             seed: int, max_steps: int) -> list[EpisodeResult]:
-    """`episodes` episodes on one env, cycling through `tasks`; prints one line per episode."""
+    """`episodes` episodes cycling through `tasks`, on an env pool of one (timeouts, a fresh env after an env
+    error, as in training); prints one line per episode. The first env is made at once: a missing key or
+    browser fails here, before any episode."""
+    from cua_kit.config import EnvConfig
     from cua_kit.envs import make_env
+    from cua_kit.envs.pool import EnvPool
 
     rng = random.Random(seed)
-    env = make_env(env_name)
+    first = [make_env(env_name)]
+    limits = EnvConfig()
+    pool = EnvPool(lambda: first.pop() if first else make_env(env_name), 1, limits.step_timeout_s,
+                   limits.reset_timeout_s)
     results = []
     try:
         for i in range(episodes):
             task = tasks[i % len(tasks)]
-            result = await play_episode(env, task, policy, rng, max_steps, out / f"ep{i:03d}_{safe_name(task.id)}")
+            async with pool.lease() as env:
+                result = await play_episode(env, task, player, rng, max_steps, out / f"ep{i:03d}_{safe_name(task.id)}")
             results.append(result)
-            print(f"episode {i + 1}/{episodes}  {task.id:28s} steps {result.steps:3d}  reward {result.reward:.2f}",
-                  flush=True)
+            outcome = f"reward {result.reward:.2f}" if result.error is None else f"env error: {result.error[:160]}"
+            print(f"episode {i + 1}/{episodes}  {task.id:28s} steps {result.steps:3d}  {outcome}", flush=True)
     finally:
-        await env.close()
+        await pool.close()
+        for env in first:  # never leased (no episode ran)
+            await env.close()
     return results
 
 
-def summarize(env_name: str, task_spec: str, policy: str, results: list[EpisodeResult], wall_s: float,
+def summarize(env_name: str, task_spec: str, player: str, results: list[EpisodeResult], wall_s: float,
               out: Path) -> dict[str, Any]:
-    """The machine-readable summary of a demo (the --json last line)."""
+    """The machine-readable summary of a demo (the --json last line); success and reward are over the scored
+    episodes (those without an env error)."""
     steps = sum(r.steps for r in results)
+    scored = [r.reward for r in results if r.error is None and r.reward is not None]
     # The first reset starts the browser (miniwob) or is the cold start of caches: timed apart.
     env_s = sum(r.env_s for r in results) - results[0].reset_s
-    return {"env": env_name, "task": task_spec, "policy": policy, "episodes": len(results),
-            "success_rate": sum(r.reward > 0 for r in results) / len(results),
-            "mean_reward": sum(r.reward for r in results) / len(results), "steps": steps,
+    return {"env": env_name, "task": task_spec, "player": player, "episodes": len(results),
+            "env_errors": len(results) - len(scored), "scored": len(scored),
+            "success_rate": sum(r > 0 for r in scored) / len(scored) if scored else 0.0,
+            "mean_reward": sum(scored) / len(scored) if scored else 0.0, "steps": steps,
             "steps_per_s": steps / env_s if env_s > 0 else 0.0, "first_reset_s": results[0].reset_s,
             "wall_s": wall_s, "out": str(out), "per_episode": [asdict(r) for r in results]}
 
@@ -223,16 +248,17 @@ def run_demo(args: argparse.Namespace) -> int:
     tasks = pick_tasks(load_tasks(task_file(args.env, args.task_file), env=args.env), args.task, args.split)
     out = Path(args.out or f"outputs/env_demo/{args.env}")
     start = time.perf_counter()
-    results = asyncio.run(run_demo_episodes(args.env, tasks, args.policy, args.episodes, out, args.seed,
+    results = asyncio.run(run_demo_episodes(args.env, tasks, args.player, args.episodes, out, args.seed,
                                             args.max_steps))
-    summary = summarize(args.env, args.task or "*", args.policy, results, time.perf_counter() - start, out)
-    print(f"{args.env} {args.policy}: {summary['episodes']} episodes, success {summary['success_rate']:.0%}, "
+    summary = summarize(args.env, args.task or "*", args.player, results, time.perf_counter() - start, out)
+    print(f"{args.env} {args.player}: {summary['episodes']} episodes, {summary['env_errors']} env errors, "
+          f"success {summary['success_rate']:.0%} of {summary['scored']} scored, "
           f"mean reward {summary['mean_reward']:.2f}, {summary['steps']} steps, "
-          f"{summary['steps_per_s']:.1f} steps/s (env + policy, first reset "
+          f"{summary['steps_per_s']:.1f} steps/s (env + player, first reset "
           f"{summary['first_reset_s']:.2f} s apart), pictures in {out}/")
     if args.json:
         print_json_line(summary)
-    return 0
+    return 1 if summary["env_errors"] else 0  # the exit code says whether an env failed
 
 
 # ----------------------------------------------------------------------------- env sweep
@@ -261,15 +287,16 @@ def _add_env_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="env_action", required=True, metavar="{list,demo,sweep}")
     lst = sub.add_parser("list", help="backends, whether they run here, and the shipped task sets")
     lst.add_argument("--json", action="store_true", help="print a JSON object as the last line")
-    demo = sub.add_parser("demo", help="run episodes with the oracle or a random policy and save pictures",
+    demo = sub.add_parser("demo", help="run episodes with the oracle or a random player and save pictures",
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_DEMO_EPILOG)
     demo.add_argument("env", help="backend name: synth, miniwob or gbox")
     demo.add_argument("--task", help="a task id, or an id prefix (e.g. synth-L1) to cycle through; "
                                      "default: every task of the file")
-    demo.add_argument("--policy", choices=["oracle", "random"], default="oracle")
+    demo.add_argument("--player", "--policy", dest="player", choices=["oracle", "random"], default="oracle",
+                      help="the scripted player: the env's oracle or uniformly random actions (--policy: the old name)")
     demo.add_argument("--episodes", type=_positive, default=4)
     demo.add_argument("--out", help="folder for the pictures (default outputs/env_demo/ENV/)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random player")
     demo.add_argument("--max-steps", type=_positive, default=DEFAULT_MAX_STEPS,
                       help=f"cap on steps per episode (default {DEFAULT_MAX_STEPS}; envs may end sooner)")
     demo.add_argument("--split", choices=["train", "eval"], help="only tasks of this split")
@@ -282,15 +309,15 @@ def _add_env_args(p: argparse.ArgumentParser) -> None:
 
 
 _DEMO_EPILOG = """examples:
-  cua-kit env demo synth --task synth-L1 --policy oracle --episodes 8
-  cua-kit env demo synth --task synth-L3-0000 --policy random --episodes 3 --seed 1 --json
+  cua-kit env demo synth --task synth-L1 --player oracle --episodes 8
+  cua-kit env demo synth --task synth-L3-0000 --player random --episodes 3 --seed 1 --json
   cua-kit env demo miniwob --task click-button/eval --episodes 4 --out /tmp/wob
   GBOX_API_KEY=... cua-kit env demo gbox --task toggle-wifi --episodes 1"""
 
 
-@command("env", "list env backends, run a demo policy in one, sweep leaked cloud boxes",
-         "examples:\n  cua-kit env list\n  cua-kit env demo synth --task synth-L1 --policy oracle --episodes 8\n"
-         "  cua-kit env demo miniwob --task click-test --policy random --episodes 4 --json\n"
+@command("env", "list env backends, run a scripted player in one, sweep leaked cloud boxes",
+         "examples:\n  cua-kit env list\n  cua-kit env demo synth --task synth-L1 --player oracle --episodes 8\n"
+         "  cua-kit env demo miniwob --task click-test --player random --episodes 4 --json\n"
          "  cua-kit env sweep gbox --dry-run\n"
          "run `cua-kit env demo --help` for the demo's options")(_add_env_args)
 def run_env(args: argparse.Namespace, extra: list[str]) -> int:

@@ -33,7 +33,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     summary = train(cfg)
     if summary.get("rank", 0) == 0:  # the other ranks of an FSDP run have nothing to add
         at = f" at step {summary['step']}" if "step" in summary else ""
-        print(f"Run {summary['status']}{at}: {summary['run_dir']}")
+        where = summary["run_dir"]
+        reason = f"{summary['reason']} (run folder {where})" if summary.get("reason") else where
+        print(f"Run {summary['status']}{at}: {reason}", flush=True)
     return 0 if summary["status"] in ("finished", "stopped") else 1
 
 

@@ -6,14 +6,18 @@ Precedence, lowest first: dataclass defaults < YAML file < environment variables
     cfg = load_config("configs/quickstart.yaml", ["trainer.max_steps=5", "--lora-r", "8"])
 
 An unknown key fails at load time with the closest valid name; a wrong type or value fails with the
-field's name and what is allowed (`ConfigError`). The original system's flags (`--model-name`,
-`--lora-r`, `--resume`, ...) and env vars (`MODEL_NAME`, `OUTPUT_DIR`, ...) map onto fields.
+field's name and what is allowed (`ConfigError`, one line): each section's `rules()` lists, next to its
+fields, what every field with a meaning allows. YAML is read with a loader that bounds file size, nesting
+depth and alias expansion (`read_yaml`), so a hostile or broken file is one line too, never a hang. The
+original system's flags (`--model-name`, `--lora-r`, `--resume`, ...) and env vars (`MODEL_NAME`,
+`OUTPUT_DIR`, ...) map onto fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -27,6 +31,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key or value that can't be used; the message names the field and what is allowed."""
+
+
+Rule = tuple[str, bool, str]  # (field, is the value allowed?, what is allowed): a section's `rules()`
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}")  # a folder name, never a path
+INT_MAX = 2**31 - 1  # counts, sizes and seeds fit in 32 bits (numpy seeds, tensor sizes)
+
+
+def _finite(x: float, low: float = -math.inf, low_open: bool = False) -> bool:
+    """x is finite and >= low (> low with low_open)."""
+    return math.isfinite(x) and (x > low if low_open else x >= low)
+
+
+def _is_name(text: str) -> bool:
+    return bool(NAME_PATTERN.fullmatch(text))
+
+
+def _is_relative_folder(text: str) -> bool:
+    """A relative path that stays inside its parent folder (no '..', not absolute)."""
+    parts = Path(text).parts
+    return bool(parts) and not Path(text).is_absolute() and ".." not in parts
 
 
 @dataclass
@@ -52,6 +76,12 @@ class ModelConfig:
     adapter_path: str = ""
     """Warm-start LoRA adapter (peft folder, e.g. the output of `cua-kit sft`); empty = a fresh adapter."""
 
+    def rules(self) -> list[Rule]:
+        return [("name", bool(self.name.strip()), "a Hub id, a folder or builtin:<arch>-<size>, not empty"),
+                ("device", bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)),
+                 "auto, cpu, mps, cuda or cuda:N"),
+                ("cache_dir", bool(self.cache_dir.strip()), "a folder, not empty")]
+
 
 @dataclass
 class LoraConfig:
@@ -65,6 +95,15 @@ class LoraConfig:
     """Dropout on the LoRA input (probability); 0 keeps the PPO ratio exactly 1 on fresh samples."""
     groups: list[str] = field(default_factory=lambda: ["vision_attention", "merger", "language"])
     """Target groups: vision_attention, merger (vision->language, 'cross-modal'), language."""
+
+    def rules(self) -> list[Rule]:
+        from cua_kit.models.lora import LORA_GROUPS  # local: config stays importable without torch
+
+        unknown = [g for g in self.groups if g not in LORA_GROUPS]
+        return [("r", self.r >= 1, "an integer >= 1"), ("alpha", self.alpha >= 1, "an integer >= 1"),
+                ("dropout", _finite(self.dropout, 0) and self.dropout < 1, "a number in [0, 1)"),
+                ("groups", bool(self.groups) and not unknown,
+                 f"a non-empty list of {list(LORA_GROUPS)}" + (f" (unknown group {unknown[0]!r})" if unknown else ""))]
 
 
 @dataclass
@@ -89,6 +128,20 @@ class EnvConfig:
     """Seconds before a reset counts as an env error."""
     step_latency_s: float = 0.0
     """Injected latency per step in seconds (benchmarks that imitate cloud boxes)."""
+
+    def rules(self) -> list[Rule]:
+        from cua_kit.envs import ENV_BACKENDS  # local: the env registry, without importing any backend
+
+        close = difflib.get_close_matches(self.name, ENV_BACKENDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [("name", self.name in ENV_BACKENDS, f"one of {list(ENV_BACKENDS)}{hint}"),
+                ("task_file", bool(self.task_file.strip()), "a JSONL or YAML task file"),
+                ("train_split", self.train_split in ("train", "eval"), "train or eval"),
+                ("eval_split", self.eval_split in ("train", "eval"), "train or eval"),
+                ("pool_size", self.pool_size >= 0, "an integer >= 0 (0 = rollout.max_concurrent_rollouts)"),
+                ("step_timeout_s", _finite(self.step_timeout_s, 0, low_open=True), "seconds > 0"),
+                ("reset_timeout_s", _finite(self.reset_timeout_s, 0, low_open=True), "seconds > 0"),
+                ("step_latency_s", _finite(self.step_latency_s, 0), "seconds >= 0")]
 
 
 @dataclass
@@ -133,6 +186,26 @@ class RolloutConfig:
     two and prompts to multiples of 64 tokens so few shapes compile."""
     batch_wait_ms: float = 5.0
     """Milliseconds the batcher waits to gather requests."""
+    max_errors_in_a_row: int = 16
+    """The run stops (status failed, with the reason) when episodes end with the same error this many times in
+    a row, no episode scored in between: a bug or a dead backend would otherwise loop forever."""
+
+    def rules(self) -> list[Rule]:
+        return [("n_samples", self.n_samples >= 2, "an integer >= 2 (GRPO compares the samples of one task)"),
+                ("max_turns", self.max_turns >= 1, "an integer >= 1"),
+                ("temperature", _finite(self.temperature, 0, low_open=True),
+                 "a finite number > 0 (0 makes every sample of a group identical)"),
+                ("top_p", _finite(self.top_p, 0, low_open=True) and self.top_p <= 1, "a number in (0, 1]"),
+                ("top_k", self.top_k >= 0, "an integer >= 0 (0 = off)"),
+                ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+                ("history_images", self.history_images >= 1, "an integer >= 1"),
+                ("max_pixels", self.max_pixels >= 1, "an integer >= 1 (pixels)"),
+                ("max_concurrent_rollouts", self.max_concurrent_rollouts >= 1, "an integer >= 1"),
+                ("max_staleness", self.max_staleness >= 0, "an integer >= 0"),
+                ("format_penalty", _finite(self.format_penalty, 0), "a number >= 0"),
+                ("max_batch", self.max_batch >= 1, "an integer >= 1"),
+                ("batch_wait_ms", _finite(self.batch_wait_ms, 0), "milliseconds >= 0"),
+                ("max_errors_in_a_row", self.max_errors_in_a_row >= 1, "an integer >= 1")]
 
 
 @dataclass
@@ -194,6 +267,13 @@ class GRPOConfig:
     mismatch: truncated importance sampling (verl's rollout TIS, TRL's vllm_importance_sampling_correction).
     Costs one no-grad forward per sample; useful with rollout.backend=vllm."""
 
+    def rules(self) -> list[Rule]:
+        return [("eps_clip", _finite(self.eps_clip, 0, low_open=True), "a number > 0"),
+                ("eps_clip_high", _finite(self.eps_clip_high, 0), "a number >= 0 (0 = eps_clip)"),
+                ("kl_ctl", _finite(self.kl_ctl, 0), "a number >= 0"),
+                ("max_is_weight", _finite(self.max_is_weight, 0, low_open=True), "a number > 0"),
+                ("minibatches", self.minibatches >= 1, "an integer >= 1")]
+
 
 @dataclass
 class TrainerConfig:
@@ -235,6 +315,24 @@ class TrainerConfig:
     printed beside the first and written to the curve as success_rate_sampled."""
     eval_every: int = 0
     """Also run the held-out eval every N steps (0 = only before and after); the learning curve."""
+    stall_timeout_s: float = 3600.0
+    """The run stops (status failed, with what the rollouts were doing) when no training step completes for
+    this many seconds; held-out evals don't count. While it waits, a line every minute says why."""
+
+    def rules(self) -> list[Rule]:
+        return [("max_steps", self.max_steps >= 1, "an integer >= 1"),
+                ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+                ("learning_rate", _finite(self.learning_rate, 0, low_open=True), "a finite number > 0"),
+                ("weight_decay", _finite(self.weight_decay, 0), "a number >= 0"),
+                ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+                ("grad_clip", _finite(self.grad_clip, 0), "a number >= 0 (0 = off)"),
+                ("micro_batch_tokens", self.micro_batch_tokens >= 1, "an integer >= 1 (tokens)"),
+                ("max_seq_length", self.max_seq_length >= 1, "an integer >= 1 (tokens)"),
+                ("seed", self.seed >= 0, "an integer >= 0"),
+                ("eval_episodes", self.eval_episodes >= 0, "an integer >= 0 (0 = no eval)"),
+                ("eval_temperature", _finite(self.eval_temperature, 0), "a number >= 0 (0 = greedy)"),
+                ("eval_every", self.eval_every >= 0, "an integer >= 0 (0 = before and after only)"),
+                ("stall_timeout_s", _finite(self.stall_timeout_s, 0, low_open=True), "seconds > 0")]
 
 
 @dataclass
@@ -252,6 +350,14 @@ class SFTConfig:
     output: str = "sft"
     """Folder under the run folder where the adapter is written (adapter/ inside it)."""
 
+    def rules(self) -> list[Rule]:
+        return [("demos_per_task", self.demos_per_task >= 1, "an integer >= 1"),
+                ("max_tasks", self.max_tasks >= 0, "an integer >= 0 (0 = all)"),
+                ("epochs", self.epochs >= 1, "an integer >= 1"),
+                ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+                ("learning_rate", _finite(self.learning_rate, 0, low_open=True), "a finite number > 0"),
+                ("output", _is_relative_folder(self.output), "a folder inside the run folder (no '..', not absolute)")]
+
 
 @dataclass
 class SaverConfig:
@@ -261,6 +367,11 @@ class SaverConfig:
     """Save at the end of every N epochs (0 = off)."""
     keep_last: int = 3
     """Checkpoints kept (older ones deleted)."""
+
+    def rules(self) -> list[Rule]:
+        return [("freq_steps", self.freq_steps >= 0, "an integer >= 0 (0 = off)"),
+                ("freq_epochs", self.freq_epochs >= 0, "an integer >= 0 (0 = off)"),
+                ("keep_last", self.keep_last >= 1, "an integer >= 1 (the newest checkpoint is always kept)")]
 
 
 @dataclass
@@ -281,6 +392,9 @@ class LoggingConfig:
     """Also log to Weights & Biases (needs WANDB_API_KEY). Flag --wandb."""
     wandb_project: str = "cua-kit"
     """W&B project (env var WANDB_PROJECT)."""
+
+    def rules(self) -> list[Rule]:
+        return [("wandb_project", bool(self.wandb_project.strip()), "a project name, not empty")]
     progress: bool = True
     """Show a progress bar while held-out evals run (they can take minutes before the first step)."""
 
@@ -299,6 +413,22 @@ class LaunchConfig:
     collective_timeout_s: float = 600.0
     """Seconds a collective of a multi-process run may wait for the other ranks: past it, a dead or stuck rank
     stops every rank with an error (rank 0 pings the others every 10 s while it waits for rollouts)."""
+
+    def rules(self) -> list[Rule]:
+        from cua_kit.allocation import SYNTAX, AllocationError, parse
+
+        try:
+            parse(self.allocation)
+            layout = ""
+        except AllocationError as exc:
+            layout = str(exc)  # which part, and why
+        endpoint = re.fullmatch(r"[^:\s]+:\d+", self.rdzv_endpoint) is not None
+        return [("allocation", not layout, layout or SYNTAX), ("nnodes", self.nnodes >= 1, "an integer >= 1"),
+                ("node_rank", 0 <= self.node_rank < self.nnodes, "an integer in [0, launch.nnodes)"),
+                ("rdzv_endpoint", self.nnodes == 1 or endpoint,
+                 "host:port of node 0 (e.g. node0.cluster:29500), needed when launch.nnodes > 1"),
+                ("collective_timeout_s", _finite(self.collective_timeout_s, 0) and self.collective_timeout_s > 0,
+                 "a number of seconds > 0")]
 
 
 @dataclass
@@ -321,6 +451,12 @@ class Config:
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def rules(self) -> list[Rule]:
+        name = "a name of letters, digits and ._+=- (a folder name, not a path), at most 100 characters"
+        return [("experiment_name", _is_name(self.experiment_name), name),
+                ("trial_name", _is_name(self.trial_name), name),
+                ("output_dir", bool(self.output_dir.strip()), "a folder, not empty")]
 
     @property
     def run_dir(self) -> Path:
@@ -386,14 +522,20 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}.{hint} See `cua-kit config show` for all keys.")
 
 
+def _short(value: Any) -> str:
+    """A value for a one-line message: its repr, cut at 80 characters."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**80 else "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it converted, or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads off/on/yes/no as booleans
             value = {False: "off", True: "on"}[value] if ("off" if not value else "on") in args else value
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+        if not isinstance(value, typing.Hashable) or value not in args:
+            raise ConfigError(f"{key}: {_short(value)} is not allowed; choose one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -407,10 +549,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value.lower() in ("1", "true", "yes", "on")
         if value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_short(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
+        if abs(value) > INT_MAX:
+            raise ConfigError(f"{key}={_short(value)} is out of range; allowed: an integer of at most {INT_MAX}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
@@ -419,21 +563,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        if isinstance(value, int) and abs(value) > INT_MAX or not math.isfinite(value):
+            raise ConfigError(f"{key}={_short(value)} is not allowed; allowed: a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
         return str(value)
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return dict(value)
     return value
 
@@ -501,9 +647,98 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 def _yaml_scalar(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        return parse_yaml(raw, "override") if raw != "" else ""
+    except ConfigError:
         return raw
+
+
+# ----------------------------------------------------------------------------- bounded YAML
+YAML_MAX_BYTES = 1 << 20  # configs are a few kB; task files may be larger (load_tasks passes its own bound)
+YAML_MAX_DEPTH = 32  # nesting levels (a 5,000-deep file would otherwise hit Python's recursion limit)
+# Nodes after expanding aliases: a 371-byte file of aliases of aliases ("billion laughs") is ~10^9 nodes,
+# cheap to parse but not to walk (the config is copied and written out as JSON).
+YAML_MAX_NODES = 200_000
+
+
+class _TooLarge(yaml.YAMLError):
+    """A YAML document past one of the bounds above."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses deep nesting while composing, and documents that expand (through aliases)
+    to too many nodes or into a cycle before anything is constructed."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                raise _TooLarge(f"nested deeper than {YAML_MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """Nodes in the document under `node` with every alias expanded (shared nodes counted once per use)."""
+    if id(node) in sizes:
+        if sizes[id(node)] is None:
+            raise _TooLarge("an alias refers to a node that contains it (a cycle)")
+        return sizes[id(node)]  # type: ignore[return-value]
+    sizes[id(node)] = None  # in progress: meeting it again below is a cycle
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > YAML_MAX_NODES:
+            raise _TooLarge(f"more than {YAML_MAX_NODES:,} nodes once its aliases are expanded")
+    sizes[id(node)] = total
+    return total
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text -> Python data with the bounds above; ConfigError (one line) for anything else."""
+    try:
+        loader = _BoundedLoader(text)  # its reader already refuses non-printable characters
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _expanded_size(node, {})
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except _TooLarge as exc:
+        raise ConfigError(f"{what}: refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+
+
+def read_text_file(path: str | Path, what: str, max_bytes: int = YAML_MAX_BYTES) -> str:
+    """The UTF-8 text of a file the user named; ConfigError (one line) if it is missing, not a regular file,
+    larger than `max_bytes`, unreadable or not UTF-8."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a file (a folder?); pass a file")
+    if path.stat().st_size > max_bytes:
+        raise ConfigError(f"{what} {path} is {path.stat().st_size:,} bytes; at most {max_bytes:,} are read")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} can't be read: {exc.strerror}") from None
+
+
+def read_yaml(path: str | Path, what: str = "config file", max_bytes: int = YAML_MAX_BYTES) -> Any:
+    """A small YAML file, read with every bound above."""
+    return parse_yaml(read_text_file(path, what, max_bytes), f"{what} {path}")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -518,13 +753,7 @@ def load_config(
     """Build a Config: defaults < YAML at `path` < env vars < `overrides` (CLI tokens or a dict)."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for key, value in _flatten(data).items():
@@ -540,38 +769,15 @@ def load_config(
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type alone can't express."""
-    checks = [
-        (cfg.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
-        (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (0 makes every sample of a group identical)"),
-        (cfg.rollout.max_turns >= 1, "rollout.max_turns must be >= 1"),
-        (cfg.rollout.max_staleness >= 0, "rollout.max_staleness must be >= 0"),
-        (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-        (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),
-        (cfg.trainer.learning_rate > 0, "trainer.learning_rate must be > 0"),
-        (cfg.lora.r >= 1, "lora.r must be >= 1"),
-        (cfg.trainer.eval_temperature >= 0, "trainer.eval_temperature must be >= 0 (0 = greedy)"),
-        (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-        (cfg.grpo.eps_clip > 0, "grpo.eps_clip must be > 0"),
-        (cfg.grpo.kl_ctl >= 0, "grpo.kl_ctl must be >= 0"),
-        (cfg.launch.collective_timeout_s > 0, "launch.collective_timeout_s must be > 0"),
-        (cfg.launch.nnodes >= 1, "launch.nnodes must be >= 1"),
-        (0 <= cfg.launch.node_rank < cfg.launch.nnodes, "launch.node_rank must be in [0, launch.nnodes)"),
-        (cfg.launch.nnodes == 1 or re.fullmatch(r"[^:\s]+:\d+", cfg.launch.rdzv_endpoint) is not None,
-         "launch.rdzv_endpoint must be host:port of node 0 when launch.nnodes > 1 (e.g. node0.cluster:29500)"),
-    ]
-    from cua_kit.allocation import AllocationError, parse
-    from cua_kit.models.lora import LORA_GROUPS  # local: config stays importable without torch
-
-    try:
-        parse(cfg.launch.allocation)
-    except AllocationError as exc:
-        raise ConfigError(str(exc)) from None
-
-    for group in cfg.lora.groups:
-        if group not in LORA_GROUPS:
-            raise ConfigError(f"lora.groups: unknown group {group!r}; choose from {list(LORA_GROUPS)}")
-    for ok, message in checks + _vllm_checks(cfg):
+    """Every section's `rules()`, then the checks across sections: the first value that is not allowed fails,
+    naming its key and what is allowed."""
+    sections = [("", cfg)] + [(f"{f.name}.", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                              if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    for prefix, section in sections:
+        for name, ok, allowed in section.rules() if hasattr(section, "rules") else []:
+            if not ok:
+                raise ConfigError(f"{prefix}{name}={_short(getattr(section, name))} is not allowed; allowed: {allowed}")
+    for ok, message in _vllm_checks(cfg):
         if not ok:
             raise ConfigError(message)
 

@@ -3,7 +3,9 @@
 Each eval episode is one sample of one task (tasks cycle in file order, so two evals of the same config
 see the same tasks); sampling uses trainer.eval_temperature (0 = greedy). On envs with a `task_key`
 (MiniWoB++) the tasks cycle one task name at a time, and the result adds success per task and the mean
-over tasks, the number papers on MiniWoB++ report, beside the mean over episodes.
+over tasks, the number papers on MiniWoB++ report, beside the mean over episodes. Episodes that end in an
+error are not scored (counted as `env_errors`); a systemic one (`rollout.health`: a full disk, the same error
+over and over) stops the eval with RunFailure instead of running the rest into the same wall.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from cua_kit.envs import Task, env_class
 from cua_kit.envs.pool import EnvPool
 from cua_kit.inference.base import Policy
 from cua_kit.rollout.episode import Episode, run_episode
+from cua_kit.rollout.health import RunFailure, RunHealth
 from cua_kit.trace.rows import episode_row, turn_row
 from cua_kit.trace.store import TraceWriter
 
@@ -40,18 +44,29 @@ async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, epi
     settings = episode_settings(cfg, cfg.trainer.eval_temperature if temperature is None else temperature)
     out_dir = run_dir / "eval" / label
     limit = asyncio.Semaphore(max(1, cfg.rollout.max_concurrent_rollouts))
+    health = RunHealth(cfg.rollout.max_errors_in_a_row)
 
-    bar = tqdm(total=episodes, desc=f"eval {label}", unit="ep", disable=not cfg.logging.progress, leave=False)
+    bar = _progress_bar(episodes, f"eval {label}", cfg.logging.progress)
 
     async def one(i: int) -> Episode:
-        async with limit, pool.lease() as env:
-            episode = await run_episode(env, tasks[i % len(tasks)], agent, policy, settings,
-                                        f"eval-{label}-{i:04d}", out_dir, 0)
+        async with limit:
+            if health.failure is not None:
+                raise RunFailure(f"eval {label}: {health.failure}")
+            async with pool.lease() as env:
+                episode = await run_episode(env, tasks[i % len(tasks)], agent, policy, settings,
+                                            f"eval-{label}-{i:04d}", out_dir, 0)
+        health.record(episode)
         bar.update(1)
         return episode
 
+    jobs = [asyncio.ensure_future(one(i)) for i in range(episodes)]
     try:
-        results = await asyncio.gather(*(one(i) for i in range(episodes)))
+        results = await asyncio.gather(*jobs)
+    except BaseException:  # RunFailure (or a cancel): the episodes still running stop too
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        raise
     finally:
         bar.close()
     _write_trace(out_dir, f"eval-{label}", cfg, results)
@@ -105,6 +120,15 @@ def per_task_table(result: dict[str, Any]) -> str:
         lines.append(f"{missing} of the split's {result['tasks_in_split']} tasks got no scored episode; "
                      f"{result['tasks_in_split']} or more episodes give each task one")
     return "\n".join(lines)
+
+
+def _progress_bar(total: int, label: str, enabled: bool) -> tqdm:
+    """The eval's bar on stderr. The screen size comes from shutil (80x24 when the terminal reports none: a pty
+    with no size, as under `script` or some CI consoles, made tqdm read 0 columns and -1 rows and hide the bar
+    altogether); a file (the launcher's train.log) gets a frame every 30 s instead of every 0.1 s."""
+    size, tty = shutil.get_terminal_size(), sys.stderr.isatty()
+    return tqdm(total=total, desc=label, unit="ep", disable=not enabled, leave=False, file=sys.stderr,
+                ncols=size.columns, nrows=size.lines, mininterval=0.1 if tty else 30.0)
 
 
 def curve_path(run_dir: Path) -> Path:

@@ -1,10 +1,12 @@
 """Start, list and stop training runs: in the foreground (`cua-kit train`) or as background processes (the
 dashboard's Launch tab and `cua-kit runs`).
 
-A run is started from a config plus dotted overrides; the layout is `launch.allocation` (`cua_kit.allocation`).
-The config and overrides are validated with `load_config`, and the layout is fitted to this node's visible GPUs,
-*before* anything is spawned, so a typo or a layout that does not fit is refused with a message. The command is
-an argv list (never a shell):
+A run is started from a config (under an allowed folder for the dashboard: `configs/`, or an earlier run's saved
+config.yaml) plus dotted overrides; its layout is `launch.allocation` (`cua_kit.allocation`). Everything is
+checked *before* anything is spawned (`plan_launch`): the config and overrides with `load_config` (a typo, a
+nonsense value or a run name that is a path is refused with the config system's message), the run folder lands
+under the runs folder (output_dir is forced to it), is writable and has no live run, and the layout fits this
+node's visible GPUs. The command is an argv list (never a shell):
 
     one process:            python -m cua_kit.cli train CONFIG [overrides...]
     fsdp:dZ (Z > 1):        python -m torch.distributed.run --standalone --nproc-per-node Z -m cua_kit.cli train ...
@@ -165,24 +167,57 @@ def launch_overrides(overrides: list[str], runs_dir: str | Path) -> list[str]:
     return [*overrides, f"output_dir={Path(runs_dir).resolve()}"]
 
 
-def launch_run(config: str | Path, overrides: list[str], runs_dir: str | Path,
-               allowed_dirs: list[Path] | None = None, env: dict[str, str] | None = None) -> LaunchedRun:
-    """Validate, then start the run's layout in its own process group. Raises LaunchError / ConfigError."""
+@dataclass
+class LaunchPlan:
+    """A launch request that passed every check: what would be run, in which environment, and where it writes."""
+
+    run_dir: Path
+    argv: list[str]
+    env: dict[str, str]
+
+
+def plan_launch(config: str | Path, overrides: list[str], runs_dir: str | Path,
+                allowed_dirs: list[Path] | None = None, environ: dict[str, str] | None = None) -> LaunchPlan:
+    """Every check of a launch, spawning and writing nothing. Raises LaunchError / ConfigError."""
+    from cua_kit.run_folder import live_trainer
+
     path = check_config_path(config, allowed_dirs or allowed_config_dirs(runs_dir))
     full_overrides = launch_overrides(list(overrides), runs_dir)
     cfg = load_config(path, full_overrides)  # ConfigError: refuse before spawning anything
-    run_dir = cfg.run_dir.resolve()
+    root, run_dir = Path(runs_dir).resolve(), cfg.run_dir.resolve()
+    if not run_dir.is_relative_to(root) or run_dir == root:  # names are checked by the config; this is the guard
+        raise LaunchError(f"the run folder {run_dir} is not inside the runs folder {root}")
     running = read_launch(run_dir)
     if running and pid_alive(running["pid"]):
         raise LaunchError(f"{run_dir} already has a live run (pid {running['pid']}); stop it or set trial_name=...")
-    argv, run_env = run_command(path, full_overrides, cfg, env)  # LaunchError before the run folder exists
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=REPO_ROOT, env=run_env)
+    pid = live_trainer(run_dir)
+    if pid is not None:
+        raise LaunchError(f"{run_dir} is being written by a live trainer (pid {pid}); stop it or set trial_name=...")
+    argv, env = run_command(path, full_overrides, cfg, environ)  # LaunchError: the layout does not fit this node
+    return LaunchPlan(run_dir, argv, env)
+
+
+def launch_run(config: str | Path, overrides: list[str], runs_dir: str | Path,
+               allowed_dirs: list[Path] | None = None, env: dict[str, str] | None = None) -> LaunchedRun:
+    """`plan_launch`, then start the run's layout in its own process group. Raises LaunchError / ConfigError."""
+    plan = plan_launch(config, overrides, runs_dir, allowed_dirs, env)
+    run_dir = plan.run_dir
+    try:  # the folder and its log are made before the trainer starts: a failure here leaves no process behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(run_dir / LOG_FILE, "ab")
+    except OSError as exc:
+        raise LaunchError(f"can't write the run folder {run_dir}: {exc.strerror or exc}") from None
+    with log:
+        proc = subprocess.Popen(plan.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=REPO_ROOT, env=plan.env)
     _CHILDREN[proc.pid] = proc
-    launched = LaunchedRun(str(run_dir), argv, proc.pid, os.getpgid(proc.pid), time.time(), socket.gethostname())
-    (run_dir / LAUNCH_FILE).write_text(json.dumps(asdict(launched), indent=2))
+    launched = LaunchedRun(str(run_dir), plan.argv, proc.pid, os.getpgid(proc.pid), time.time(), socket.gethostname())
+    try:
+        (run_dir / LAUNCH_FILE).write_text(json.dumps(asdict(launched), indent=2))
+    except OSError as exc:  # a run the UI could neither list nor stop must not keep running
+        _signal_group(launched.pgid, signal.SIGKILL)
+        proc.wait()
+        raise LaunchError(f"can't record the run in {run_dir / LAUNCH_FILE} ({exc.strerror}); it was stopped") from None
     return launched
 
 
@@ -324,7 +359,7 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
     for info in queries.list_runs(runs_dir):
         run_dir = Path(info["db_path"]).parent
         found.append(info | {"run_dir": str(run_dir), "name": str(run_dir.relative_to(runs_dir)),
-                             "effective_status": effective_status(info)})
+                             "effective_status": effective_status(info), "eval_of": _eval_owner(run_dir, runs_dir)})
     known = {r["run_dir"] for r in found}
     for launch_path in runs_dir.rglob(LAUNCH_FILE):
         run_dir = launch_path.parent
@@ -334,8 +369,22 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
         status = "starting" if pid_alive(launched["pid"]) else ("stopped" if "stopped_at" in launched else "failed")
         found.append({"run_dir": str(run_dir), "name": str(run_dir.relative_to(runs_dir)), "status": status,
                       "effective_status": status, "started_at": launched["started_at"], "n_steps": 0,
-                      "pid": launched["pid"], "db_path": None})
+                      "pid": launched["pid"], "db_path": None, "eval_of": None})
     return sorted(found, key=lambda r: r.get("started_at") or 0.0, reverse=True)
+
+
+def _eval_owner(run_dir: Path, runs_dir: Path) -> str | None:
+    """The name of the training run whose held-out eval this trace is (`<run>/eval/<label>/`, as
+    cua_kit.evaluate writes it), else None."""
+    owner = run_dir.parent.parent
+    if run_dir.parent.name == "eval" and owner != runs_dir and (owner / "config.yaml").is_file():
+        return str(owner.relative_to(runs_dir))
+    return None
+
+
+def training_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that are not held-out evals of another run (what a user means by 'the run')."""
+    return [r for r in runs if not r.get("eval_of")]
 
 
 def find_run(runs_dir: str | Path, name: str) -> Path:
@@ -349,6 +398,6 @@ def find_run(runs_dir: str | Path, name: str) -> Path:
     return run_dir
 
 
-__all__ = ["ConfigError", "LaunchError", "LaunchedRun", "allowed_config_dirs", "check_config_path", "effective_status",
-           "find_run", "launch_run", "list_configs", "list_runs", "needs_launcher", "needs_torchrun", "pid_alive",
-           "read_launch", "run_command", "run_foreground", "stop_run"]
+__all__ = ["ConfigError", "LaunchError", "LaunchPlan", "LaunchedRun", "allowed_config_dirs", "check_config_path",
+           "effective_status", "find_run", "launch_run", "list_configs", "list_runs", "needs_launcher", "needs_torchrun",
+           "pid_alive", "plan_launch", "read_launch", "run_command", "run_foreground", "stop_run", "training_runs"]

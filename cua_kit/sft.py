@@ -106,7 +106,9 @@ def run_sft(cfg: Config) -> Path:
     """`cua-kit sft`: record demos on the train split, train a LoRA, save it to <run>/<sft.output>/adapter."""
     from cua_kit.build import make_agent, tasks_for
     from cua_kit.models.loader import load_model
+    from cua_kit.run_folder import make_run_dir
 
+    make_run_dir(cfg)  # an unwritable output_dir fails now, not after the demos and the training
     torch.manual_seed(cfg.trainer.seed)
     loaded = load_model(cfg.model, cfg.lora)
     agent = make_agent(cfg, loaded.processor)

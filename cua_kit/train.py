@@ -41,8 +41,10 @@ from cua_kit.inference.base import writing_weights
 from cua_kit.logs import MetricsLogger, group_line, step_line
 from cua_kit.models.loader import LoadedModel
 from cua_kit.rollout.controller import ControllerSettings, Group, RolloutController, TaskSampler
+from cua_kit.rollout.health import RunFailure, wait_for_batch
+from cua_kit.run_folder import claim_run_folder, make_run_dir
 from cua_kit.trace.rows import mark_consumed, write_group
-from cua_kit.trace.store import SCHEMA, TraceWriter
+from cua_kit.trace.store import SCHEMA, TraceError, TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,14 @@ class TrainingRun:
         """`ranks`/`channel`: rank 0 of an FSDP run (`cua_kit.distributed`); None: one process."""
         _refuse_an_unplaced_layout(cfg, ranks)
         self.cfg = cfg
-        self.run_dir = cfg.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir)
+        self.run_dir = make_run_dir(cfg)
         self.resume_from = resume_checkpoint(cfg)
+        self.run_id = claim_run_folder(cfg, self.resume_from)  # one run per folder: an older one is archived
+        save_config(cfg, self.run_dir)
+        self.train_tasks = tasks_for(cfg, cfg.env.train_split)  # a bad task file fails before the model loads
         self.loaded, self.trainer = trainer_parts(cfg, self.resume_from, ranks, channel)
         self.policy = make_policy(cfg, self.loaded) if ranks is None else generation_policy(cfg, self.loaded)
-        self.train_tasks = tasks_for(cfg, cfg.env.train_split)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_tasks) / cfg.trainer.batch_size))
-        self.run_id = f"{cfg.experiment_name}-{cfg.trial_name}"
         self.trace = TraceWriter(self.run_dir / "trace.db", self.run_id)
         self.state = RunState()
         self.stop_requested = asyncio.Event()
@@ -77,11 +78,13 @@ class TrainingRun:
         self._last_gen: dict[str, float] = {}
         self._signals: list[int] = []  # the signals whose handlers this run installed
         self._signalled_at = 0.0
+        self._waiting_shown = False  # a waiting line is in the trace: cleared when the batch comes
 
     def _controller(self, pool: EnvPool) -> RolloutController:
         c = self.cfg
         settings = ControllerSettings(c.rollout.n_samples, c.trainer.batch_size, c.rollout.max_concurrent_rollouts,
-                                      c.rollout.max_staleness, c.rollout.filter_zero_variance, c.grpo.adv_mode)
+                                      c.rollout.max_staleness, c.rollout.filter_zero_variance, c.grpo.adv_mode,
+                                      c.rollout.max_errors_in_a_row)
         return RolloutController(self.policy, pool, make_agent(c, self.loaded.processor),
                                  TaskSampler(self.train_tasks, c.trainer.seed), settings, episode_settings(c),
                                  self.run_dir, on_group=lambda g: write_group(self.trace, g, c.env.name),
@@ -123,8 +126,12 @@ class TrainingRun:
                 summary["eval_after"] = await self._evaluate(pool, "after")
                 metrics.log(self.state.step, {"success_rate": summary["eval_after"]["success_rate"]}, prefix="eval/")
             summary["status"] = status
-        except BaseException:
-            summary["status"] = "failed"
+        except RunFailure as failure:  # systemic (rollout.health): one line, status failed, the last step saved
+            summary.update(status="failed", reason=str(failure))
+            await controller.stop()
+            self._save_after_failure(controller)
+        except BaseException as exc:
+            summary.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self._remove_signals()
@@ -132,10 +139,19 @@ class TrainingRun:
             await self.policy.close()
             await pool.close()
             metrics.close()
-            self.trace.finish_run(summary["status"])
-            self.trace.close()
+            _close_trace(self.trace, summary["status"], summary.get("reason"))
         summary.update(step=self.state.step, rollout=controller.stats.as_dict())
         return summary
+
+    def _save_after_failure(self, controller: RolloutController) -> None:
+        """A checkpoint of the last completed step, so a resume after the fix loses nothing (best effort: the
+        failure may be a full disk; the checkpoint before stays whole either way)."""
+        if self.state.step == 0 or (self.run_dir / "checkpoints" / f"checkpoint-{self.state.step}").exists():
+            return
+        try:
+            self._save(controller)
+        except (OSError, RuntimeError) as exc:
+            log.error("no checkpoint of step %d (%s); the previous one stays", self.state.step, exc)
 
     async def _loop(self, controller: RolloutController, metrics: MetricsLogger) -> str:
         cfg = self.cfg
@@ -183,21 +199,21 @@ class TrainingRun:
         await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
-        """The next batch, or None when a stop was requested first; raises the backend's error if it broke for good
-        (a vLLM server that could not be restarted)."""
-        getter = asyncio.ensure_future(controller.get_batch())
-        stopper = asyncio.ensure_future(self.stop_requested.wait())
-        broken = asyncio.ensure_future(self.policy.failed())
-        done, _ = await asyncio.wait({getter, stopper, broken}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        broken.cancel()
-        if broken in done:
-            getter.cancel()
-            raise broken.result()
-        if getter in done and not self.stop_requested.is_set():
-            return getter.result()
-        getter.cancel()
-        return None
+        """The next batch, or None when a stop was requested first; RunFailure on a systemic fault, a stall, or a
+        backend broken for good (a vLLM server that could not be restarted). While none comes, a line a minute
+        says why (printed, and in the trace for the dashboard)."""
+        def waiting(line: str) -> None:
+            print(f"[{time.strftime('%H:%M:%S')}] waiting for step {self.state.step + 1}: {line}", flush=True)
+            self.trace.set_message(line)
+            self._waiting_shown = True
+
+        batch = await wait_for_batch(controller.get_batch(), self.stop_requested, controller.health,
+                                     self.cfg.trainer.stall_timeout_s, controller.waiting_line, waiting,
+                                     broken=self.policy.failed())
+        if batch is not None and self._waiting_shown:
+            self.trace.set_message(None)
+            self._waiting_shown = False
+        return batch
 
     def _step_metrics(self, batch: list[Group], stats: dict[str, float], controller: RolloutController,
                       version: int, episodes_per_hour: float) -> dict[str, float]:
@@ -253,7 +269,8 @@ class TrainingRun:
         self.trace.flush()  # the steps rows a checkpoint vouches for are on disk before it exists
         # the loop calls this between updates: the weights are not being written
         path = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.trainer,
-                               {"version": self.trainer.version, "controller": controller.state_dict()},
+                               {"run_id": self.run_id, "version": self.trainer.version,
+                                "controller": controller.state_dict()},
                                self.cfg.saver.keep_last)
         log.info("saved %s", path)
 
@@ -335,6 +352,16 @@ def _refuse_an_unplaced_layout(cfg: Config, ranks: Ranks | None) -> None:
         raise ConfigError(f"launch.allocation={cfg.launch.allocation!r} (launch.nnodes={cfg.launch.nnodes}) is a "
                           "layout for the launcher: start it with `cua-kit train CONFIG [overrides]` (or the "
                           "dashboard's Launch), which places its processes; train() runs one process only")
+
+
+def _close_trace(trace: TraceWriter, status: str, reason: str | None) -> None:
+    """Record how the run ended and close the trace; a trace that can't be written (full disk) is reported
+    in one line, not as a second traceback over the first."""
+    try:
+        trace.finish_run(status, reason)
+        trace.close()
+    except TraceError as exc:
+        log.error("the trace could not record status %s: %s", status, exc)
 
 
 def _seed_everything(seed: int) -> None:

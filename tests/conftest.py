@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import pytest
 
 
@@ -56,3 +59,50 @@ def vllm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     return str(python)
 # ---- end vLLM ---------------------------------------------------------------------------------------
+
+
+# ---- the chaos suite's figures (tests/test_chaos.py): cases tried, failures, time, printed at the end -----
+@dataclass
+class ChaosCase:
+    """One row of the chaos table: a test adds to `tried` as it goes and may leave a `note` (a measured figure)."""
+
+    name: str
+    tried: int = 0
+    note: str = ""
+    failures: int = 0
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+
+CHAOS_ROWS: list[ChaosCase] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.chaos_failed = report.failed
+
+
+@pytest.fixture
+def chaos(request: pytest.FixtureRequest):
+    """A ChaosCase for this test (set `name` to a short label); it joins the table when the test ends (a failed
+    test counts as a failure)."""
+    case = ChaosCase(request.node.name.removeprefix("test_"))
+    yield case
+    case.seconds = time.monotonic() - case.started
+    case.failures += int(getattr(request.node, "chaos_failed", False))
+    CHAOS_ROWS.append(case)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not CHAOS_ROWS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("chaos suite (tests/test_chaos.py)")
+    write(f"{'case':36s} {'tried':>6s} {'failures':>8s} {'time s':>7s}  figure")
+    for row in CHAOS_ROWS:
+        write(f"{row.name[:36]:36s} {row.tried:6d} {row.failures:8d} {row.seconds:7.1f}  {row.note}")
+# ---- end chaos suite ---------------------------------------------------------------------------------------

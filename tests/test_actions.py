@@ -117,6 +117,37 @@ def test_bad_completions_become_invalid_actions(text, reason_part):
     assert result.raw == text
 
 
+HUGE = int("9" * 400)  # math.isfinite(HUGE) raises OverflowError: the parser must not ask it
+
+
+@pytest.mark.parametrize("tool, args, reason_part", [
+    ("mobile_use", {"action": "click", "coordinate": [HUGE, 5]}, "off any screen"),
+    ("mobile_use", {"action": "long_press", "coordinate": [5, 5], "time": HUGE}, "'time' must be in [0, 100]"),
+    ("mobile_use", {"action": "wait", "time": 100.5}, "'time' must be in [0, 100]"),
+    ("computer_use", {"action": "scroll", "pixels": -HUGE}, "'pixels' must be in [-99999, 99999]"),
+    ("computer_use", {"action": "scroll", "pixels": 1e300}, "'pixels'"),
+    ("mobile_use", {"action": "type", "text": "x" * 1001}, "longer than 1000 characters"),
+    ("computer_use", {"action": "key", "keys": ["a"] * 9}, "1 to 8 key names"),
+])
+def test_huge_numbers_and_long_texts_are_invalid_not_errors(tool, args, reason_part):
+    text = "<tool_call>\n" + json.dumps({"name": tool, "arguments": args}) + "\n</tool_call>"
+    result = parse_action(text, DESKTOP, tool=tool)
+    assert isinstance(result, InvalidAction) and reason_part in result.reason
+    assert len(result.reason) < 200  # a 400-digit number is not pasted into the reason
+
+
+def test_lone_surrogates_become_replacement_characters():
+    """JSON may escape half a surrogate pair; such a str can't be UTF-8 encoded, which crashed the tokenizer of
+    the next turn (the action is echoed in its prompt)."""
+    text = ('<tool_call>{"name": "mobile_use", "arguments": {"action": "type", '
+            '"text": "a\\ud800b\\ud83d\\ude00"}}</tool_call>')
+    action = parse_action(text, PHONE)
+    assert action == Action("type", text="a\ufffdb\U0001F600")
+    action.text.encode("utf-8")
+    keys = parse_action(call("computer_use", action="key", keys=["ctrl", "\udfff"]), DESKTOP, tool="computer_use")
+    assert keys == Action("key", text="ctrl+\ufffd")
+
+
 def test_absolute_mode_rejects_points_off_screen():
     assert isinstance(parse_action(call("mobile_use", action="click", coordinate=[360, 5]), PHONE, "absolute"),
                       InvalidAction)

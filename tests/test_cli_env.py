@@ -67,7 +67,7 @@ def test_list_shows_backends_usability_and_task_counts(capsys, monkeypatch) -> N
 def test_synth_oracle_solves_and_random_mostly_fails(level: int, capsys, tmp_path: Path) -> None:
     oracle = demo_json(["synth", "--task", f"synth-L{level}", "--episodes", "8", "--out", str(tmp_path / "o")],
                        capsys)
-    random = demo_json(["synth", "--task", f"synth-L{level}", "--policy", "random", "--episodes", "16",
+    random = demo_json(["synth", "--task", f"synth-L{level}", "--player", "random", "--episodes", "16",
                         "--seed", "3", "--out", str(tmp_path / "r")], capsys)
     assert oracle["env"] == "synth" and oracle["task"] == f"synth-L{level}" and oracle["episodes"] == 8
     assert oracle["success_rate"] >= 0.95
@@ -102,7 +102,7 @@ def test_demo_saves_each_step_with_the_action_drawn(capsys, tmp_path: Path) -> N
 
 
 def test_max_steps_and_split_and_task_file(capsys, tmp_path: Path) -> None:
-    capped = demo_json(["synth", "--task", "synth-L2", "--policy", "random", "--max-steps", "2",
+    capped = demo_json(["synth", "--task", "synth-L2", "--player", "random", "--max-steps", "2",
                         "--episodes", "5", "--out", str(tmp_path / "a")], capsys)
     assert all(e["steps"] <= 2 for e in capped["per_episode"]) and capped["steps"] > 5
     evals = demo_json(["synth", "--task", "synth-L0", "--split", "eval", "--episodes", "2",
@@ -153,7 +153,7 @@ def test_gbox_demo_and_sweep(fake_gbox: FakeGboxServer, capsys, tmp_path: Path) 
     oracle = demo_json(["gbox", "--task", "toggle-wi-fi", "--episodes", "2", "--out", str(tmp_path / "o")], capsys)
     assert oracle["success_rate"] == 1.0 and {e["task"] for e in oracle["per_episode"]} == {
         "toggle-wi-fi-on", "toggle-wi-fi-off"}
-    random = demo_json(["gbox", "--task", "note-buy-milk", "--policy", "random", "--max-steps", "3",
+    random = demo_json(["gbox", "--task", "note-buy-milk", "--player", "random", "--max-steps", "3",
                         "--episodes", "2", "--out", str(tmp_path / "r")], capsys)
     assert random["success_rate"] == 0.0 and [e["steps"] for e in random["per_episode"]] == [3, 3]
     assert fake_gbox.live_boxes() == []  # every demo box was terminated
@@ -176,7 +176,7 @@ def test_miniwob_demo_oracle_and_random(chromium_path: str, capsys, tmp_path: Pa
 
     oracle = demo_json(["miniwob", "--task", "click-button/eval", "--episodes", "3",
                         "--out", str(tmp_path / "o")], capsys)
-    random = demo_json(["miniwob", "--task", "click-button/eval", "--policy", "random", "--episodes", "3",
+    random = demo_json(["miniwob", "--task", "click-button/eval", "--player", "random", "--episodes", "3",
                         "--max-steps", "4", "--out", str(tmp_path / "r")], capsys)
     assert oracle["success_rate"] >= 0.95 and random["success_rate"] < oracle["success_rate"]
     picture = Image.open(Path(oracle["per_episode"][0]["folder"]) / "step_00.png")
@@ -191,3 +191,47 @@ def _exe(pid: int) -> str:
         return os.path.realpath(f"/proc/{pid}/exe")
     except OSError:
         return ""
+
+
+# ---- env errors end an episode, not the demo (issue 18 §7) -----------------------------------------
+def test_gbox_5xx_mid_demo_is_counted_and_the_demo_goes_on(fake_gbox: FakeGboxServer, capsys, tmp_path: Path) -> None:
+    """A tap answered 503 after it ran (never retried: it may have happened) ends that episode; the demo used to
+    stop there with no summary."""
+    fake_gbox.inject("click", 503, execute=True)
+    code, lines, err = run_cli(["env", "demo", "gbox", "--task", "toggle-wi-fi", "--episodes", "3",
+                                "--out", str(tmp_path), "--json"], capsys)
+    summary = json.loads(lines[-1])
+    assert code == 1 and (summary["episodes"], summary["env_errors"], summary["scored"]) == (3, 1, 2)
+    [failed] = [e for e in summary["per_episode"] if e["error"]]
+    assert "503" in failed["error"] and failed["reward"] is None
+    assert summary["success_rate"] == 1.0  # over the scored episodes: the oracle solved both
+    assert "1 env errors" in lines[-2] and "Traceback" not in err
+    assert fake_gbox.live_boxes() == []  # the failed episode's box was terminated too
+
+
+@pytest.mark.browser
+def test_a_browser_killed_mid_demo_is_counted_and_a_new_one_takes_over(chromium_path: str, capsys, monkeypatch,
+                                                                        tmp_path: Path) -> None:
+    import asyncio
+    import signal
+
+    from cua_kit.envs.miniwob import MiniWobEnv, descendant_pids
+
+    real_step, calls = MiniWobEnv.step, []
+
+    async def step_then_die(self, action):  # the second episode's browser dies after its reset
+        calls.append(action)
+        if len(calls) == 2:
+            os.killpg(self.browser.pid, signal.SIGKILL)
+            await asyncio.sleep(0.3)
+        return await real_step(self, action)
+
+    monkeypatch.setattr(MiniWobEnv, "step", step_then_die)
+    code, lines, _ = run_cli(["env", "demo", "miniwob", "--task", "click-button/eval", "--episodes", "3",
+                              "--out", str(tmp_path), "--json"], capsys)
+    summary = json.loads(lines[-1])
+    assert code == 1 and (summary["episodes"], summary["env_errors"]) == (3, 1)
+    assert [e["error"] is not None for e in summary["per_episode"]] == [False, True, False]
+    assert summary["success_rate"] == 1.0
+    real = os.path.realpath(chromium_path)
+    assert [p for p in descendant_pids(os.getpid()) if _exe(p) == real] == []

@@ -26,9 +26,11 @@ UI_TIMEOUT_MS = 30_000
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory) -> Path:
-    """A runs folder holding one finished real training run (tiny Qwen3-VL, synth env, 2 steps, CPU)."""
+    """A runs folder holding one finished real training run (tiny Qwen3-VL, synth env, 2 steps, CPU) with its
+    held-out evals before and after (their traces are sub-runs, newer than the run)."""
     runs = tmp_path_factory.mktemp("runs")
-    started = launch.launch_run(QUICKSTART, [*TINY, "trainer.max_steps=2", "trial_name=tiny"], runs)
+    started = launch.launch_run(QUICKSTART, [*TINY, "trainer.max_steps=2", "trial_name=tiny", "trainer.eval_episodes=2",
+                                             "trainer.eval_sampled=false"], runs)
     try:
         wait_for(lambda: not launch.pid_alive(started.pid), 300, "the tiny training run to finish")
     finally:
@@ -70,6 +72,15 @@ def page(browser, url):
 
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
+
+
+def test_opens_on_the_training_run_not_on_its_eval(page, runs_dir):
+    """The eval traces (quickstart/tiny/eval/before, .../after) are the newest runs; the dashboard opened on one."""
+    evals = [r["name"] for r in launch.list_runs(runs_dir) if r["eval_of"] == "quickstart/tiny"]
+    assert sorted(evals) == ["quickstart/tiny/eval/after", "quickstart/tiny/eval/before"]
+    expect(page.locator("#run-pick input")).to_have_value("quickstart/tiny")
+    open_tab(page, "Launch")
+    expect(page.locator("#launch-run input")).to_have_value("quickstart/tiny")
 
 
 def test_replay_shows_the_screenshot_and_steps_through_turns(page):

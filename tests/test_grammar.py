@@ -2,6 +2,8 @@
 calls, a random tiny Qwen3-VL sampled under it writes only valid actions, and the scoring forward applies
 the same mask, so the ratio at a fresh sample is 1."""
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -62,6 +64,41 @@ def test_grammar_accepts_every_canonical_call(grammars, loaded, tool, mode, data
 ])
 def test_grammar_rejects_what_the_parser_would_not_run(grammars, loaded, text):
     assert not _accepts(grammars["mobile_use", "relative"], loaded.tokenizer, text)
+
+
+def _computer_call(**args) -> str:
+    body = json.dumps(args, ensure_ascii=False)
+    return '<tool_call>\n{"name": "computer_use", "arguments": ' + body + "}\n</tool_call>"
+
+
+@pytest.mark.parametrize("text, ok", [
+    (_computer_call(action="scroll", pixels=-99999), True),
+    (_computer_call(action="scroll", pixels=100000), False),
+    (_computer_call(action="scroll", pixels=10 ** 400), False),
+    (_computer_call(action="wait", time=1e-05), True),
+    (_computer_call(action="wait", time=99.99999999999999), True),
+    (_computer_call(action="wait", time=100.0), True),
+    (_computer_call(action="wait", time=100.5), False),
+    (_computer_call(action="wait", time=1e16), False),
+    (_computer_call(action="type", text="é" * 1000), True),
+    (_computer_call(action="type", text="x" * 1001), False),
+    (_computer_call(action="key", keys=["a"] * 8), True),
+    (_computer_call(action="key", keys=["a"] * 9), False),
+    (_computer_call(action="key", keys=[""]), False),  # found by the chaos suite's grammar fuzz
+    (_computer_call(action="key", keys=["+0"]), False),  # "+0" joined with "+" reads back as ["", "0"]
+    (_computer_call(action="key", keys=["ctrl", "+"]), True),
+])
+def test_grammar_and_parser_share_the_bounds(grammars, loaded, text, ok):
+    """What constrained decoding can write, the parser accepts (and past the bounds neither does)."""
+    assert _accepts(grammars["computer_use", "absolute"], loaded.tokenizer, text) == ok
+    assert isinstance(parse_action(text, (1920, 1080), "absolute", "computer_use"), Action) == ok
+
+
+def test_an_escaped_lone_surrogate_the_grammar_allows_parses_to_valid_unicode(grammars, loaded):
+    text = _computer_call(action="type", text="a").replace('"a"', '"a\\ud800"')
+    assert _accepts(grammars["computer_use", "relative"], loaded.tokenizer, text)
+    action = parse_action(text, (1920, 1080), "relative", "computer_use")
+    assert action == Action("type", text="a\ufffd")
 
 
 def _screen_prompt(loaded):

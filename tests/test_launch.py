@@ -96,7 +96,7 @@ def test_the_processes_a_launcher_placed_never_launch_again(monkeypatch):
 def test_replaced_keys_and_unplaced_layouts_say_what_to_run(tmp_path):
     with pytest.raises(ConfigError, match="launch.n_gpus was replaced by launch.allocation"):
         load_config(QUICKSTART, ["launch.n_gpus=4"])
-    with pytest.raises(ConfigError, match="rdzv_endpoint must be host:port"):
+    with pytest.raises(ConfigError, match="launch.rdzv_endpoint='' is not allowed; allowed: host:port of node 0"):
         load_config(QUICKSTART, ["launch.nnodes=2"])
     from cua_kit.train import TrainingRun
 
@@ -156,3 +156,38 @@ def test_real_run_starts_in_its_own_group_and_stops_on_sigterm(tmp_path, capsys)
     assert run_status(run_dir) == "stopped"
     assert "stopped_at" in launch.read_launch(run_dir)
     assert (run_dir / "train.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trial_name=../../escape"], ["experiment_name=/tmp/cua-kit-escape"], ["trial_name=.."],
+    ["experiment_name=a/b"], ["trial_name=x/../../../escape"], ["experiment_name="],
+])
+def test_run_names_that_are_paths_are_refused_before_anything_starts(tmp_path, overrides):
+    """Launch used to start the trainer with these and only then fail: an unlisted run, writing elsewhere."""
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="a folder name, not a path"):
+        launch.launch_run(QUICKSTART, [*TINY, "trainer.max_steps=1", *overrides], runs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [] and not Path("/tmp/cua-kit-escape").exists()
+
+
+def test_a_launch_always_lands_under_the_runs_folder(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    plan = launch.plan_launch(QUICKSTART, [f"output_dir={elsewhere}", "trial_name=t1"], tmp_path / "runs")
+    assert plan.run_dir == (tmp_path / "runs" / "quickstart" / "t1").resolve()  # output_dir is the runs folder
+    assert not elsewhere.exists() and not (tmp_path / "runs").exists()  # planning writes nothing
+    with pytest.raises(ConfigError, match="launch.n_gpus was replaced by launch.allocation"):
+        launch.plan_launch(QUICKSTART, ["launch.n_gpus=-1"], tmp_path / "runs")
+    with pytest.raises(ConfigError, match="rollout.n_samples=1"):
+        launch.plan_launch(QUICKSTART, ["rollout.n_samples=1"], tmp_path / "runs")
+
+
+def test_the_dashboard_refuses_bad_launches_in_one_line(tmp_path):
+    from app.dashboard import Dashboard
+
+    dash = Dashboard(tmp_path / "runs")
+    for overrides, expected in [("trial_name=../../x", "config error"), ('trial_name="unclosed', "launch refused"),
+                                ("trainer.learning_rate=.inf", "config error")]:
+        message = dash.start(str(QUICKSTART), overrides)[0]
+        assert message.startswith(f"✗ **{expected}") and "\n" not in message, message
+    assert dash.start(str(QUICKSTART), "", "fsdp:d1.5")[0].startswith("✗ **config error:** launch.allocation=")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()

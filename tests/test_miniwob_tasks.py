@@ -137,7 +137,7 @@ def test_a_users_own_task_file_runs_and_a_refused_task_fails_in_one_line(chromiu
     names = {t.params["task"] for t in load_tasks(user_file)}
     curated = {t.params["task"] for t in load_tasks(ROOT / "data" / "miniwob_tasks.yaml")}
     assert names and not names & curated  # tasks outside the curated list
-    code = main(["env", "demo", "miniwob", "--task-file", str(user_file), "--policy", "random", "--episodes", "3",
+    code = main(["env", "demo", "miniwob", "--task-file", str(user_file), "--player", "random", "--episodes", "3",
                  "--max-steps", "3", "--out", str(tmp_path / "demo"), "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err

@@ -109,23 +109,50 @@ class Env(abc.ABC):
         """Release every resource (browser context, box). Safe to call twice."""
 
 
+TASK_FILE_MAX_BYTES = 256 << 20  # a task file is read whole; larger ones are refused rather than swapped in
+
+
 def load_tasks(path: str | Path, split: str | None = None, env: str | None = None) -> list[Task]:
     """Read a task set from JSONL (one task a line) or YAML (a list, or `{tasks: [...]}`).
 
-    `split`/`env` filter the tasks. An empty result is an error: a run with no tasks says so early.
+    `split`/`env` filter the tasks. An empty result is an error: a run with no tasks says so early. A file that
+    is missing, not a file, not UTF-8, too large, or holds a row that is not a task fails with one line
+    (ConfigError, a ValueError; FileNotFoundError when it is missing).
     """
+    from cua_kit.config import ConfigError, parse_yaml, read_text_file  # local: config imports no env code
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task file not found: {path}")
+    text = read_text_file(path, "task file", TASK_FILE_MAX_BYTES)
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(path.read_text()) or []
-        rows = data["tasks"] if isinstance(data, dict) else data
+        data = parse_yaml(text, f"task file {path}") or []
+        rows = data.get("tasks") if isinstance(data, dict) else data
+        where = [f"{path} task {i + 1}" for i in range(len(rows))] if isinstance(rows, list) else []
     else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    tasks = [Task.from_dict(r) for r in rows]
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        rows, where = [], [f"{path} line {n}" for n, _ in lines]
+        for n, line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ConfigError(f"{path} line {n}: not JSON ({exc})") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path}: expected a list of tasks (or {{tasks: [...]}}), got {type(rows).__name__}")
+    tasks = [_task(row, at) for row, at in zip(rows, where)]
     tasks = [t for t in tasks if (split is None or t.split == split) and (env is None or t.env == env)]
     if not tasks:
         raise ValueError(f"{path}: no tasks with split={split!r} env={env!r}")
     return tasks
+
+
+def _task(row: Any, where: str) -> Task:
+    """One row of a task file as a Task, or a one-line error that says where it is."""
+    from cua_kit.config import ConfigError
+
+    if not isinstance(row, dict) or "id" not in row or "env" not in row:
+        raise ConfigError(f"{where}: a task is a mapping with at least 'id' and 'env', got {str(row)[:80]}")
+    try:
+        return Task.from_dict(row)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -392,7 +392,8 @@ class MiniWobEnv(Env):
                 await asyncio.wait_for(context.close(), OP_TIMEOUT_S)
         except Exception:  # closing a context of a dying browser: nothing left to release
             pass
-        await self.browser.release()
+        finally:  # even when cancelled mid-close: a reference never released keeps the browser running forever
+            await self.browser.release()
 
     async def _screenshot(self, state: list) -> Image.Image:
         """The task area as PNG, `state` from OBSERVE_FN (run just before, same task of the page).

@@ -16,6 +16,9 @@ score 0 like a wrong tap, so GRPO pushes down the tokens they share with good ta
 right-column x values) whatever the screen, and the taps collapse into one column. Under the grammar
 every sample is a real action and its reward is about where it tapped.
 
+In absolute mode the grammar bounds pixels to NUMBER_DIGITS digits but can't know the screen size (it is compiled
+once per run, the screen is known per prompt): a point off the screen is the parser's to refuse, as an invalid action.
+
 A recorded completion the grammar rejects (sampled without it, e.g. before the option was turned on)
 is left unconstrained from the rejected token on, so scoring never produces a -inf log-prob.
 """
@@ -29,18 +32,25 @@ import torch
 import transformers
 import xgrammar as xgr
 
-from cua_kit.actions import COORD_MODES, TOOLS
+from cua_kit.actions import COORD_MODES, KEYS_MAX, NUMBER_DIGITS, SECONDS_MAX, TEXT_MAX_CHARS, TOOLS
 
-# Value rules, as Python writes them (`json.dumps(..., ensure_ascii=False)`); grid is 0..999 (actions.GRID_MAX);
-# seconds have at most a 2-digit positive exponent, so they stay finite (the parser rejects inf).
-_VALUE_RULES = r"""
+# Value rules, as Python writes them (`json.dumps(..., ensure_ascii=False)`), within the parser's bounds
+# (cua_kit.actions): grid is 0..999 (GRID_MAX); pixels and scroll amounts have at most NUMBER_DIGITS digits (a
+# scroll is never 0); seconds are below 100 (SECONDS_MAX) in the forms Python's float repr takes there (fixed,
+# at most 20 decimals, or a negative exponent), or exactly 100.0; strings hold at most TEXT_MAX_CHARS
+# characters (an escape counts as one, so the parsed text is never longer); at most KEYS_MAX keys, none empty, none
+# holding a "+" but a lone "+" key last (keys are joined with "+"; `\u` escapes could hide one, so keys have none).
+assert SECONDS_MAX == 100.0, "the seconds rule below spells 100"
+_VALUE_RULES = rf"""
 grid ::= "0" | [1-9] [0-9]? [0-9]?
-pixel ::= "0" | [1-9] [0-9]*
-integer ::= "-"? pixel
-seconds ::= pixel ("." [0-9]+)? ([eE] ("-" [0-9]+ | "+"? [0-9] [0-9]?))?
-string ::= "\"" char* "\""
+pixel ::= "0" | [1-9] [0-9]{{0,{NUMBER_DIGITS - 1}}}
+integer ::= "-"? [1-9] [0-9]{{0,{NUMBER_DIGITS - 1}}}
+seconds ::= ("0" | [1-9] [0-9]?) ("." [0-9]{{1,20}})? ([eE] "-" [0-9]{{1,3}})? | "100" ".0"?
+string ::= "\"" char{{0,{TEXT_MAX_CHARS}}} "\""
+key ::= "\"" keychar{{1,{TEXT_MAX_CHARS}}} "\""
+keychar ::= [^"\\\x00-\x1f+] | "\\" ["\\/bfnrt]
 char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])
-strings ::= "[" string (", " string)* "]"
+keys ::= "[" (key ", "){{0,{KEYS_MAX - 1}}} (key | "\"+\"") "]"
 """
 
 
@@ -61,7 +71,7 @@ def _action_args(tool: str) -> dict[str, list[tuple[str, str]]]:
     return {"left_click": [("coordinate", point)], "double_click": [("coordinate", point)],
             "left_click_drag": [("start_coordinate", point), ("coordinate", point)],
             "scroll": [("pixels", "integer")], "hscroll": [("pixels", "integer")],
-            "key": [("keys", "strings")], **common}
+            "key": [("keys", "keys")], **common}
 
 
 def _key(key: str) -> str:

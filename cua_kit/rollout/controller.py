@@ -9,6 +9,9 @@
 - Finished groups go to a buffer; the trainer takes batch_size groups at a time. A group whose oldest
   turn is more than max_staleness versions behind is dropped and counted.
 - Groups with zero reward variance carry no gradient: kept or filtered by config, counted either way.
+- Every finished episode goes through `RunHealth` (`rollout.health`): an error ends only its episode, a systemic
+  fault stops admission and makes `get_batch` raise `RunFailure`; a group with fewer than two scored episodes is
+  dropped and its task replayed, at most MAX_TASK_ATTEMPTS times.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from cua_kit.grpo.losses import group_advantages
 from cua_kit.inference.base import Policy
 from cua_kit.agent import Agent
 from cua_kit.rollout.episode import Episode, EpisodeSettings, TurnSample, run_episode
+from cua_kit.rollout.health import MAX_TASK_ATTEMPTS, RunFailure, RunHealth
 
 log = logging.getLogger(__name__)
 FILTERED_WARN_EVERY = 50  # filtered (zero-variance) groups in a row between two warnings
@@ -97,6 +101,7 @@ class RolloutStats:
     groups_zero_variance: int = 0
     groups_filtered: int = 0
     groups_env_failed: int = 0
+    tasks_skipped: int = 0  # tasks given up after MAX_TASK_ATTEMPTS groups with < 2 scored episodes
     episodes: int = 0
     env_errors: int = 0
     # every scored episode, in kept *and* filtered groups: the unbiased rollout success rate is
@@ -116,6 +121,7 @@ class ControllerSettings:
     max_staleness: int = 1
     filter_zero_variance: bool = False
     adv_mode: str = "std"
+    max_errors_in_a_row: int = 16
 
 
 class RolloutController:
@@ -128,6 +134,8 @@ class RolloutController:
         self.s, self.episode_settings, self.run_dir = settings, episode_settings, run_dir
         self.on_group, self.run_id = on_group, run_id
         self.stats = RolloutStats()
+        self.health = RunHealth(settings.max_errors_in_a_row)
+        self._attempts: dict[tuple[str, int], int] = {}  # (task id, epoch) -> groups run without 2 scored episodes
         self._filtered_in_a_row = 0
         self.buffer: list[Group] = []
         self.pending: dict[str, tuple[Task, int]] = {}  # admitted, not yet consumed: replayed on resume
@@ -165,7 +173,7 @@ class RolloutController:
 
     def _can_admit(self) -> bool:
         max_groups = max(1, self.s.max_concurrent_rollouts // self.s.n_samples)
-        return self.capacity() > 0 and len(self._running) < max_groups
+        return self.health.failure is None and self.capacity() > 0 and len(self._running) < max_groups
 
     async def _admit_loop(self) -> None:
         assert self._cond is not None
@@ -187,8 +195,10 @@ class RolloutController:
             await self._accept(group)
         except asyncio.CancelledError:
             raise
-        except Exception:  # a bug in a group must not silently stall admission
-            log.exception("group %s failed", group_id)
+        except Exception as exc:  # outside any episode (the trace writer, a bug here): the run must stop
+            if self.health.failure is None:
+                log.exception("group %s failed", group_id)
+            self.health.fail(f"rollout controller error in group {group_id}: {type(exc).__name__}: {exc}")
             self.pending.pop(group_id, None)
         finally:
             # leave the running set before waking the admitter: the done-callback that also discards
@@ -199,8 +209,13 @@ class RolloutController:
 
     async def _run_one(self, group_id: str, task: Task, idx: int) -> Episode:
         async with self.pool.lease() as env:
-            return await run_episode(env, task, self.agent, self.policy, self.episode_settings,
-                                     f"{group_id}-s{idx}", self.run_dir, idx)
+            episode = await run_episode(env, task, self.agent, self.policy, self.episode_settings,
+                                        f"{group_id}-s{idx}", self.run_dir, idx)
+        self.health.record(episode)
+        if self.health.failure is not None:  # wake get_batch now, not when the group ends
+            async with self._cond:  # type: ignore[union-attr]
+                self._cond.notify_all()  # type: ignore[union-attr]
+        return episode
 
     def _make_group(self, group_id: str, task: Task, epoch: int, episodes: list[Episode]) -> Group:
         valid = [e for e in episodes if e.reward is not None]
@@ -220,7 +235,7 @@ class RolloutController:
         if len(group.valid) < 2:  # advantages need at least two scored samples
             self.stats.groups_env_failed += 1
             self.pending.pop(group.group_id, None)
-            self.replay.append((group.task, group.epoch))  # the task is retried, not lost
+            self._retry(group)
             return
         if group.zero_variance:
             self.stats.groups_zero_variance += 1
@@ -230,8 +245,26 @@ class RolloutController:
                 self._warn_if_starving(group)
                 return
         self._filtered_in_a_row = 0
+        self._attempts.pop((group.task.id, group.epoch), None)
         self.stats.groups_accepted += 1
         self.buffer.append(group)
+
+    def _retry(self, group: Group) -> None:
+        """Replay the task of a group that had < 2 scored episodes, unless it failed MAX_TASK_ATTEMPTS times."""
+        key = (group.task.id, group.epoch)
+        self._attempts[key] = self._attempts.get(key, 0) + 1
+        if self._attempts[key] < MAX_TASK_ATTEMPTS:
+            self.replay.append((group.task, group.epoch))  # retried, not lost
+            return
+        self.stats.tasks_skipped += 1
+        log.warning("task %s skipped: %d groups in a row had fewer than 2 scored episodes (last error: %s)",
+                    group.task.id, self._attempts.pop(key), next((e.error for e in group.episodes if e.error), "-"))
+
+    def waiting_line(self, waited_s: float) -> str:
+        """Why no batch has come for `waited_s` seconds: what runs, what is ready, how episodes ended."""
+        return (f"no batch for {waited_s:.0f} s: {len(self._running)} groups running, {len(self.buffer)} of "
+                f"{self.s.batch_size} ready, {self.stats.groups_filtered} filtered (zero variance) and "
+                f"{self.stats.groups_env_failed} with < 2 scored episodes so far; {self.health.summary()}")
 
     def _warn_if_starving(self, group: Group) -> None:
         """Every FILTERED_WARN_EVERY filtered groups in a row, say why no batch comes (a run can wait forever)."""
@@ -249,7 +282,9 @@ class RolloutController:
         batch: list[Group] = []
         while len(batch) < self.s.batch_size:
             async with self._cond:
-                await self._cond.wait_for(lambda: bool(self.buffer))
+                await self._cond.wait_for(lambda: bool(self.buffer) or self.health.failure is not None)
+                if self.health.failure is not None:
+                    raise RunFailure(self.health.failure)
                 group = self.buffer.pop(0)
                 if self.policy.version - group.min_version > self.s.max_staleness:
                     self.stats.groups_dropped_stale += 1
@@ -260,6 +295,7 @@ class RolloutController:
             batch.append(group)
         for group in batch:
             self.pending.pop(group.group_id, None)
+        self.health.mark()
         return batch
 
     # ------------------------------------------------------------------ checkpoint

@@ -5,7 +5,9 @@ behaviour log-probs, version), the parser turns it into an action, the env execu
 sample of a turn is exactly the prompt ids and completion ids used at generation: text is never
 re-tokenized. An episode ends on `finish`, on the env saying done, on `max_turns`, or on an env error.
 Env errors and generation-backend errors (`PolicyError`, e.g. a vLLM server that died mid-turn) are
-infrastructure failures: the episode gets no reward and never counts against the policy.
+infrastructure failures: the episode gets no reward and never counts against the policy. Any other exception
+(a full disk under screens/, a bug) ends the episode the same way, with status `error`; whether the run goes
+on is decided by `rollout.health`, never by an exception escaping into the rollout loop.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ class Episode:
     task: Task
     sample_idx: int = 0
     turns: list[Turn] = field(default_factory=list)
-    status: str = "running"  # finished | env_done | max_turns | env_error | policy_error
+    status: str = "running"  # finished | env_done | max_turns | env_error | policy_error | error
     reward: float | None = None  # None for env errors: never scored for the policy
     error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)  # what ended it, for health
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
 
@@ -107,6 +110,9 @@ async def run_episode(env: Env, task: Task, agent: Agent, policy: Policy, settin
         episode.status, episode.reward, episode.error = "env_error", None, str(exc)[:500]
     except PolicyError as exc:
         episode.status, episode.reward, episode.error = "policy_error", None, str(exc)[:500]
+    except Exception as exc:  # noqa: BLE001 - ends this episode; rollout.health decides whether it ends the run
+        episode.status, episode.reward, episode.error = "error", None, f"{type(exc).__name__}: {exc}"[:500]
+        episode.exception = exc
     episode.finished_at = time.time()
     return episode
 

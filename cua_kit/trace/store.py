@@ -29,7 +29,7 @@ import sqlite_utils
 SCHEMA: dict[str, dict[str, type]] = {
     "runs": {
         "run_id": str, "experiment": str, "trial": str, "config_json": str, "started_at": float,
-        "finished_at": float, "status": str, "pid": int, "host": str,
+        "finished_at": float, "status": str, "pid": int, "host": str, "message": str,
     },
     "steps": {
         "run_id": str, "step": int, "version": int, "epoch": float, "reward_mean": float,
@@ -91,10 +91,15 @@ def connect(db_path: str | Path) -> sqlite_utils.Database:
 
 
 def create_schema(db: sqlite_utils.Database) -> None:
-    """Create the five tables and the dashboard's indexes if they don't exist yet."""
+    """Create the five tables and the dashboard's indexes if they don't exist yet; add columns a file written by
+    an older cua-kit lacks (a resumed run may be older than the code)."""
     for table, columns in SCHEMA.items():
         pk = PRIMARY_KEYS[table]
         db[table].create(columns, pk=pk[0] if len(pk) == 1 else pk, if_not_exists=True)
+        have = db[table].columns_dict
+        for name, kind in columns.items():
+            if name not in have:
+                db[table].add_column(name, kind)
     for table, columns in INDEXES:
         db[table].create_index(columns, if_not_exists=True)
 
@@ -162,17 +167,23 @@ class TraceWriter:
 
     # ---- rows -------------------------------------------------------------------------------------
     def start_run(self, experiment: str, trial: str, config: dict[str, Any], pid: int | None = None) -> None:
-        """Record the run as running. On resume (same run_id) it keeps started_at and clears finished_at."""
+        """Record the run as running. On resume (same run_id) it keeps started_at and clears finished_at and message."""
         row = to_row("runs", {"experiment": experiment, "trial": trial,
                               "config_json": json.dumps(config, default=str), "status": "running",
                               "pid": os.getpid() if pid is None else pid, "host": socket.gethostname(),
                               "started_at": time.time()}, self.run_id)
         self._put("start_run", row)
 
-    def finish_run(self, status: str = "finished") -> None:
+    def finish_run(self, status: str = "finished", message: str | None = None) -> None:
+        """Record how the run ended; `message` says why (a failure's reason), and clears a waiting message."""
         if status not in RUN_STATUSES:
             raise ValueError(f"run status {status!r} is not one of {RUN_STATUSES}")
-        self._put("upsert", ("runs", {"run_id": self.run_id, "status": status, "finished_at": time.time()}))
+        self._put("upsert", ("runs", {"run_id": self.run_id, "status": status, "finished_at": time.time(),
+                                      "message": message}))
+
+    def set_message(self, message: str | None) -> None:
+        """What the run is doing when no step comes (the dashboard shows it); None clears it."""
+        self._put("upsert", ("runs", {"run_id": self.run_id, "message": message}))
 
     def add_turn(self, row: dict[str, Any]) -> None:
         self._put("upsert", ("turns", to_row("turns", row, self.run_id)))
@@ -287,7 +298,8 @@ def apply_op(db: sqlite_utils.Database, run_id: str, op: str, payload: Any) -> N
         # A resumed run keeps its first started_at: insert it only if the row is new.
         db.execute("INSERT OR IGNORE INTO runs (run_id, started_at) VALUES (?, ?)",
                    [run_id, payload["started_at"]])
-        upsert(db, "runs", {k: v for k, v in payload.items() if k != "started_at"} | {"finished_at": None})
+        upsert(db, "runs", {k: v for k, v in payload.items() if k != "started_at"} | {"finished_at": None,
+                                                                                      "message": None})
     elif op == "consumed":
         group_ids, step = payload
         db.conn.executemany("UPDATE groups SET step = ? WHERE group_id = ?", [(step, g) for g in group_ids])
