@@ -103,7 +103,6 @@ class TrainingRun:
         pool = make_pool(cfg)
         controller = self._controller(pool)
         self._restore(controller)
-        await self._sync_weights()  # a resumed run (or a server backend) serves the trainer's version from turn one
         # rows written after the checkpoint by a killed run are dropped: the resumed run writes them again
         self.trace.delete_steps_after(self.state.step)
         reconcile_evals(self.run_dir, self.state.step, resumed=self.resume_from is not None)  # the same for eval/
@@ -113,8 +112,9 @@ class TrainingRun:
         self._install_signals()
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "status": "running"}
         try:
-            # after _restore: the policy serves the trainer's (resumed) version from turn one; a server backend starts
-            # here, and one that can't start fails the run with its own error (the run row says failed)
+            # after _restore: the policy serves the trainer's (resumed) version from turn one (a resumed run, an
+            # unsharded copy beside FSDP ranks, a server backend); a server backend starts here, and one that can't
+            # start fails the run with its own error (the run row says failed)
             await self._sync_weights()
             if cfg.trainer.eval_episodes and self.state.step == 0:
                 summary["eval_before"] = await self._evaluate(pool, "before")

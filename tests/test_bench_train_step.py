@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,8 @@ def test_fsdp_on_one_rank_takes_the_kit_s_steps(train_step, tmp_path):
     assert len(fsdp["losses"]) == len(kit["losses"]) == 2 and abs(kit["losses"][-1]) > 1e-4  # the 2nd loss is not 0
     assert fsdp["unsharded"] == "kit" and fsdp["loss_vs_unsharded"] < 1e-5
     assert fsdp["n_trainable"] == kit["n_trainable"] and fsdp["last_update"]["grad_norm"] > 0 and fsdp["step_s"] > 0
+    # the one-rank group's torchrun variables are gone after the join: a launcher in this process reads them as placed
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(os.environ)
 
 
 def test_every_update_speed_path_runs_and_the_prescored_reference_is_timed_apart(train_step, tmp_path, monkeypatch):

@@ -208,6 +208,7 @@ def test_stays_responsive_while_a_writer_writes(page, runs_dir):
     run_dir.mkdir(parents=True)
     writer = TraceWriter(run_dir / "trace.db", "live-t0")
     writer.start_run("live", "t0", {"model": {"name": "tiny"}}, pid=os.getpid())
+    writer.flush()  # the runs row is committed before the first refresh (the writer commits on its own thread)
     stop = threading.Event()
 
     def write() -> None:
