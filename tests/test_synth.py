@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -143,6 +144,43 @@ def test_level_file_is_what_its_documented_command_prints():
     assert len(train) == 2000 and len(evals) == 200
     assert not {t.params["seed"] for t in train} & {t.params["seed"] for t in evals}
     assert [t.id for t in train[:100]] == [t.id for t in load_tasks(DATA, split="train")[:100]]
+
+
+def test_a_sized_level_2_task_is_two_turns_with_the_icon_anywhere():
+    """apps=1, settings=1 (the CPU multi-turn demo's tasks): the oracle needs exactly 2 taps, the icon's cell is
+    drawn from the seed (not always the first), and the sizes travel in the task file through the documented
+    command."""
+    from cua_kit.envs.synth import layout
+
+    tasks = synth_tasks(2, 30, "eval", apps=1, settings=1)
+    assert tasks[0].id == "synth-L2-100000-apps1-settings1" and tasks[0].params["apps"] == 1
+
+    async def oracle_steps(task) -> tuple[int, float]:
+        env, steps = SynthEnv(screen_size=(180, 320)), 0
+        await env.reset(task)
+        while not (await env.step(await env.oracle_action())).done:
+            steps += 1
+        return steps + 1, await env.evaluate()
+
+    assert {asyncio.run(oracle_steps(t)) for t in tasks} == {(2, 1.0)}
+    icons = {layout(make_scenario(2, t.params["seed"], apps=1, settings=1), 180, 320)["home"][0].box for t in tasks}
+    assert len(icons) > 10  # scattered over the grid
+    printed = subprocess.run([sys.executable, "-m", "cua_kit.envs.synth", "--level", "2", "--train", "0", "--eval",
+                              "30", "--apps", "1", "--settings", "1"], check=True, capture_output=True, text=True)
+    assert [json.loads(line) for line in printed.stdout.splitlines()] == [t.to_dict() for t in tasks]
+
+
+def test_bad_sizes_are_refused_with_the_range():
+    with pytest.raises(ValueError, match="apps must be an integer in 1..16, got 0"):
+        synth_tasks(2, 1, apps=0)
+    with pytest.raises(ValueError, match="not a size of a level-0 task"):
+        synth_tasks(0, 1, settings=2)
+    task = synth_tasks(2, 1)[0]
+    bad = task.__class__(id="x", env="synth", params={"level": 2, "seed": 1, "settings": 99})
+    with pytest.raises(ValueError, match="task 'x': settings must be an integer in 1..12"):
+        asyncio.run(SynthEnv().reset(bad))
+    cli = subprocess.run([sys.executable, "-m", "cua_kit.envs.synth", "--apps", "2"], capture_output=True, text=True)
+    assert cli.returncode == 2 and "--apps/--settings need --level 2" in cli.stderr
 
 
 def test_bad_input_fails_with_a_clear_message():

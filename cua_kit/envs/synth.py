@@ -4,7 +4,9 @@ Four levels, each deterministic in `task.params["seed"]` and `task.params["level
 
     0  tap the single button                    ("Tap the 'Send' button")
     1  tap the labelled button among distractors; tapping a distractor ends the episode as a failure
-    2  open an app from a home-screen grid, then switch a named setting on or off in it
+    2  open an app from a home-screen grid, then switch a named setting on or off in it (8-12 apps with
+       3-5 settings each; `params["apps"]` / `params["settings"]` set the counts, and such a task's icons are
+       scattered over the grid: 1 and 1 is a 2-turn task with nothing to read, find the icon then the switch)
     3  tap a text field, type a phrase into it and submit (Cancel, or submitting a wrong text, fails)
 
 Success is read from the simulator's state (`evaluate()` returns 1.0 or 0.0), never from the agent's
@@ -184,23 +186,29 @@ class Scenario:
     turn_on: bool = True  # L2: the value to switch it to
     settings: dict[str, dict[str, bool]] = field(default_factory=dict)  # L2: app -> setting -> initial
     text: str = ""  # L3: the phrase to type
+    scattered: bool = False  # L2: icons in random home-grid cells instead of filled from the top-left
 
 
-def make_scenario(level: int, seed: int) -> Scenario:
-    """The goal of task (level, seed): deterministic, independent of screen size."""
+L2_SIZES = {"apps": (1, len(APP_NAMES)), "settings": (1, len(SETTING_NAMES))}  # task params: (min, max)
+
+
+def make_scenario(level: int, seed: int, apps: int | None = None, settings: int | None = None) -> Scenario:
+    """The goal of task (level, seed): deterministic, independent of screen size. L2 only: `apps` apps on the
+    home screen and `settings` settings in each (None: drawn from the seed, 8-12 and 3-5)."""
     rng = random.Random(f"synth-goal:{level}:{seed}")
     if level in (0, 1):
         labels = rng.sample(BUTTON_LABELS, 1 if level == 0 else rng.randint(3, 5))
         return Scenario(level, seed, f"Tap the '{labels[0]}' button", labels[0], labels)
     if level == 2:
-        apps = rng.sample(APP_NAMES, rng.randint(8, 12))
-        settings = {app: {s: rng.random() < 0.5 for s in rng.sample(SETTING_NAMES, rng.randint(3, 5))}
-                    for app in apps}
-        app = apps[0]
-        setting = rng.choice(sorted(settings[app]))
-        turn_on = not settings[app][setting]
+        names = rng.sample(APP_NAMES, apps if apps is not None else rng.randint(8, 12))
+        values = {app: {s: rng.random() < 0.5
+                        for s in rng.sample(SETTING_NAMES, settings if settings is not None else rng.randint(3, 5))}
+                  for app in names}
+        app = names[0]
+        setting = rng.choice(sorted(values[app]))
+        turn_on = not values[app][setting]
         instruction = f"Open {app} and turn {'on' if turn_on else 'off'} {setting}"
-        return Scenario(level, seed, instruction, app, apps, setting, turn_on, settings)
+        return Scenario(level, seed, instruction, app, names, setting, turn_on, values, scattered=apps is not None)
     if level == 3:
         fields = rng.sample(FIELD_NAMES, 2)
         target, text = rng.choice(fields), rng.choice(PHRASES)
@@ -209,17 +217,33 @@ def make_scenario(level: int, seed: int) -> Scenario:
     raise ValueError(f"synth level must be one of {LEVELS}, got {level!r}")
 
 
-def synth_tasks(level: int, n: int, split: str = "train", seed0: int | None = None) -> list[Task]:
-    """`n` tasks of `level` with seeds seed0.. (default 0 for train, EVAL_SEED0 for eval).
+def synth_tasks(level: int, n: int, split: str = "train", seed0: int | None = None, **sizes: int) -> list[Task]:
+    """`n` tasks of `level` with seeds seed0.. (default 0 for train, EVAL_SEED0 for eval); `sizes`: L2's
+    `apps` / `settings` counts, carried in each task's params.
 
-    Ids look like `synth-L1-0042` (the number is the seed, so ids never collide across splits).
+    Ids look like `synth-L1-0042` (the number is the seed, so ids never collide across splits); tasks with sizes
+    end in them, e.g. `synth-L2-0042-apps1-settings1`.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    _check_sizes(level, sizes, "synth_tasks")
     start = seed0 if seed0 is not None else (0 if split == "train" else EVAL_SEED0)
-    return [Task(id=f"synth-L{level}-{seed:04d}", env="synth", split=split,  # type: ignore[arg-type]
-                 instruction=make_scenario(level, seed).instruction, params={"level": level, "seed": seed})
+    suffix = "".join(f"-{key}{value}" for key, value in sorted(sizes.items()))
+    return [Task(id=f"synth-L{level}-{seed:04d}{suffix}", env="synth", split=split,  # type: ignore[arg-type]
+                 instruction=make_scenario(level, seed, **sizes).instruction,
+                 params={"level": level, "seed": seed, **sizes})
             for seed in range(start, start + n)]
+
+
+def _check_sizes(level: int, sizes: dict[str, Any], where: str) -> None:
+    """ValueError unless `sizes` are L2_SIZES keys of an L2 task, each an integer in its range."""
+    for key, value in sizes.items():
+        if key not in L2_SIZES or level != 2:
+            raise ValueError(f"{where}: {key}={value!r} is not a size of a level-{level} task (level 2 takes "
+                             f"{', '.join(L2_SIZES)})")
+        low, high = L2_SIZES[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{where}: {key} must be an integer in {low}..{high}, got {value!r}")
 
 
 TASK_FILE_COUNTS = {"train": (200, 200, 200, 200), "eval": (50, 50, 50, 50)}  # per level 0..3
@@ -284,7 +308,9 @@ def _layout_apps(scenario: Scenario, rng: random.Random, width: int, height: int
     icon = _icon_size(width, height)
     icon_h = icon + max(9, icon // 5) * 2
     apps = rng.sample(scenario.labels, len(scenario.labels))  # labels[0] is the target: shuffle it away
-    cells = sorted(_slots(rng, home_area, 4, 5, 20), key=lambda box: (box[1], box[0]))  # filled in order
+    cells = _slots(rng, home_area, 4, 5, 20)
+    if not scenario.scattered:  # filled in order, as a phone does; a sized task's few icons go anywhere
+        cells.sort(key=lambda box: (box[1], box[0]))
     screens = {"home": [Widget("icon", app, (x0, y0, x0 + cell_w, min(y1, y0 + icon_h)))
                         for app, (x0, y0, _, y1) in zip(apps, cells)] + nav}
     header_h, row_h = height // 12, max(28, height // 12)
@@ -371,7 +397,9 @@ class SynthEnv(Env):
         if self._closed:
             raise RuntimeError("this SynthEnv is closed; create a new one")
         level, seed = self._task_params(task)
-        self._scenario = make_scenario(level, seed)
+        sizes = {key: task.params[key] for key in L2_SIZES if key in task.params}
+        _check_sizes(level, sizes, f"task {task.id!r}")
+        self._scenario = make_scenario(level, seed, **sizes)
         self._instruction = task.instruction or self._scenario.instruction
         self._screens = layout(self._scenario, *self.screen_size)
         self._max_steps = int(task.params.get("max_steps", DEFAULT_MAX_STEPS[level]))
@@ -567,9 +595,17 @@ def _main() -> None:
     parser.add_argument("--level", type=int, choices=LEVELS, help="one level only (default: the default set)")
     parser.add_argument("--train", type=int, default=200, help="train tasks of --level (seeds 0..)")
     parser.add_argument("--eval", type=int, default=50, help=f"eval tasks of --level (seeds {EVAL_SEED0}..)")
+    for key, (low, high) in L2_SIZES.items():
+        parser.add_argument(f"--{key}", type=int, help=f"level 2: {key} per task, {low}..{high} (default: drawn)")
     args = parser.parse_args()
-    tasks = (default_task_set() if args.level is None
-             else synth_tasks(args.level, args.train, "train") + synth_tasks(args.level, args.eval, "eval"))
+    sizes = {key: getattr(args, key) for key in L2_SIZES if getattr(args, key) is not None}
+    if args.level is None and sizes:
+        parser.error("--apps/--settings need --level 2")
+    try:
+        tasks = (default_task_set() if args.level is None else synth_tasks(args.level, args.train, "train", **sizes)
+                 + synth_tasks(args.level, args.eval, "eval", **sizes))
+    except ValueError as exc:
+        parser.error(str(exc))
     for task in tasks:
         print(json.dumps(task.to_dict()))
 
