@@ -6,7 +6,8 @@ Four levels, each deterministic in `task.params["seed"]` and `task.params["level
     1  tap the labelled button among distractors; tapping a distractor ends the episode as a failure
     2  open an app from a home-screen grid, then switch a named setting on or off in it (8-12 apps with
        3-5 settings each; `params["apps"]` / `params["settings"]` set the counts, and such a task's icons are
-       scattered over the grid: 1 and 1 is a 2-turn task with nothing to read, find the icon then the switch)
+       scattered over the grid: 1 and 1 is a 2-turn task with nothing to read, find the icon then the switch;
+       docs/BENCHMARKS.md "Multi-turn on CPU" shows what the tiny model made of it)
     3  tap a text field, type a phrase into it and submit (Cancel, or submitting a wrong text, fails)
 
 Success is read from the simulator's state (`evaluate()` returns 1.0 or 0.0), never from the agent's
