@@ -276,6 +276,7 @@ def one_rank_trainer(policy: LoadedModel, grpo: GRPOConfig, trainer: TrainerConf
     """A `ShardedTrainer` in a process group of one rank (NCCL on CUDA, gloo on the CPU), joined once per process."""
     import os
     import socket
+    from unittest import mock
 
     from cua_kit import distributed
     from cua_kit.config import load_config
@@ -286,13 +287,9 @@ def one_rank_trainer(policy: LoadedModel, grpo: GRPOConfig, trainer: TrainerConf
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         rank_env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        saved = {key: os.environ.get(key) for key in rank_env}
-        os.environ.update(rank_env)
-        try:
+        # a torchrun worker's variables must not outlive the join: the launcher reads LOCAL_RANK as "placed"
+        with mock.patch.dict(os.environ, rank_env):
             _RANKS = distributed.init(load_config(None, [f"model.device={policy.device.type}"]))
-        finally:  # a torchrun worker's variables must not outlive the join: the launcher reads LOCAL_RANK as "placed"
-            for key, value in saved.items():
-                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     return distributed.ShardedTrainer(policy, grpo, trainer, TEMPERATURE, _RANKS, distributed.Channel(_RANKS))
 
 
