@@ -4,7 +4,9 @@
 # step, through bench/train_throughput.py (a table on stdout, JSON under $OUT).
 # Needs: vLLM importable (pip install -e '.[vllm]', or the parts of bench/carry/ unpacked to /tmp/site) and an
 # 8B-shaped model folder (bench/decode_vllm.py --build-only builds one at $MODEL).
-# Usage: bash bench/scale_out_gpu.sh [backends] [async]      (default both; ~6 min each on an H200)
+# Usage: bash bench/scale_out_gpu.sh [backends|hf|vllm] [async] [start]   (default: backends async; hf ~8 min, vllm
+# ~4, async ~6 on an H200; start only starts the server). KEEP_SERVER=1 leaves the server running (in its own session) after the script, and a later call finds
+# it on $PORT and reuses it: so the parts can go in separate device calls, each under the 10-minute cap.
 set -euo pipefail
 source "$(dirname "$0")/device_env.sh"
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -14,21 +16,34 @@ OUT=${OUT:-bench/results}
 MODEL=${MODEL:-/tmp/qwen3vl-8b}
 STEPS=${STEPS:-4}
 PARTS=("${@:-backends async}")
-want() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
+for p in ${PARTS[*]}; do
+  [[ " backends hf vllm async start " == *" $p "* ]] || { echo "unknown part '$p': give backends, hf, vllm, async or start" >&2; exit 2; }
+done
+want() { [[ " ${PARTS[*]} " == *" $1 "* || ( " ${PARTS[*]} " == *" backends "* && ( $1 == hf || $1 == vllm ) ) ]]; }
 [ -f "$MODEL/config.json" ] || python3 bench/decode_vllm.py --model-dir "$MODEL" --build-only
 COMMON=(model.name="$MODEL" output_dir=/tmp/bench_runs)
 # One vLLM server (`cua-kit serve`, the flags a run would use) for every vLLM variant: each run loads its adapters
 # under names of its own and unloads them at the end, so the variants differ only in what they measure. It starts
 # beside the HF variant, whose first (warm-up, unmeasured) step covers the server's start-up.
 PORT=${PORT:-8011}
-python3 -m cua_kit.cli serve configs/bench_8b_synth.yaml "${COMMON[@]}" vllm.port=$PORT > "$OUT/serve.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
+SERVE_LOG=${SERVE_LOG:-/tmp/cua-serve-$PORT.log}
+healthy() { python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; }
+SERVER=
+if healthy; then
+  echo "reusing the vLLM server already on port $PORT (log: $SERVE_LOG)"
+else
+  setsid python3 -m cua_kit.cli serve configs/bench_8b_synth.yaml "${COMMON[@]}" vllm.port=$PORT > "$SERVE_LOG" 2>&1 &
+  SERVER=$!
+fi
+stop_server() { cp "$SERVE_LOG" "$OUT/" 2>/dev/null || true; [ -z "$SERVER" ] || [ "${KEEP_SERVER:-0}" = 1 ] || { kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; }; }
+trap stop_server EXIT
 VLLM=(rollout.backend=vllm vllm.api_base=http://127.0.0.1:$PORT)
-wait_server() { until grep -q "ready at" "$OUT/serve.log"; do kill -0 $SERVER || { tail -30 "$OUT/serve.log"; exit 1; }; sleep 2; done; }
-if want backends; then
+wait_server() { until healthy; do [ -z "$SERVER" ] || kill -0 $SERVER || { tail -30 "$SERVE_LOG"; exit 1; }; sleep 2; done; }
+if want hf; then
   python3 bench/train_throughput.py configs/bench_8b_synth.yaml --steps "$STEPS" --warmup 1 \
     --out "$OUT/throughput_hf.json" --common "${COMMON[@]}" --variant hf rollout.backend=hf
+fi
+if want vllm; then
   wait_server
   python3 bench/train_throughput.py configs/bench_8b_synth.yaml --steps "$STEPS" --warmup 1 \
     --out "$OUT/throughput_vllm.json" --common "${COMMON[@]}" --variant vllm "${VLLM[@]}"
