@@ -120,6 +120,12 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
             # its shard has then: make them now, before an adapter switch (`reference_model`) flips the flags
             m.unshard()
             m.reshard()
+    # FSDP2 fixes each group's gradient dtype at the root's lazy init (torch's _fsdp_param_group._init_mp_dtypes),
+    # which runs at the first forward and reads the requires_grad flags of that moment. The kit's first forward is
+    # often the reference's, where peft's disable_adapter has turned the LoRA flags off: the group then sees bf16
+    # base and fp32 LoRA tensors, no trainable one, and keeps bf16 gradients, so the first backward fails with
+    # "assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float". Run that init now, flags right.
+    model._get_fsdp_state()._lazy_init()
 
 
 def partition(samples: list[Sample], world: int) -> list[list[int]]:

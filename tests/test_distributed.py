@@ -2,7 +2,7 @@
 move between them, and a rank that dies stops the other with a clear error.
 
 The ranks are real processes on 127.0.0.1 (torch.multiprocessing spawn, or `cua-kit train` under torchrun);
-the model is the tiny Qwen3-VL of the real architecture, fp32.
+the model is the tiny Qwen3-VL of the real architecture, in fp32 (and once in bf16, the GPU layout).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from cua_kit.rollout.episode import TurnSample
 LORA = LoraConfig(r=4, alpha=8)
 SAMPLING = SamplingParams(1.0, 1.0, 0, 12)
 UPDATES = 3
+BF16_LOSS_ATOL = 0.01  # bf16 steps of 2 ranks vs 1 process: ~2e-3 apart on the tiny model (lr 1e-3)
+BF16_LORA_ATOL = 0.03  # LoRA weights of magnitude ~0.2, ~4e-3 apart after 3 updates
 
 
 def free_port() -> int:
@@ -106,22 +108,23 @@ def _configs(budget: int) -> tuple[GRPOConfig, TrainerConfig]:
             TrainerConfig(learning_rate=1e-3, micro_batch_tokens=budget, max_seq_length=4096, seed=3))
 
 
-def _train(trainer: GRPOTrainer, samples: list[Sample], updates: int = UPDATES) -> list[dict[str, float]]:
+def _train(trainer: GRPOTrainer, samples: list[Sample], updates: int = UPDATES, stale: bool = True
+           ) -> list[dict[str, float]]:
     out = []
     for _ in range(updates):
         for i, s in enumerate(samples):  # half the samples one version stale: proximal log-probs recomputed
-            s.turn.version = trainer.version - i % 2
+            s.turn.version = trainer.version - (i % 2 if stale else 0)
         out.append(trainer.update(samples))
     return out
 
 
-def _model(model_dir: Path, warm: Path | None, checkpointing: bool = False):
+def _model(model_dir: Path, warm: Path | None, checkpointing: bool = False, dtype: str = "float32"):
     """A warm start and it frozen as the KL reference (peft `set_adapter`), or a fresh LoRA whose reference is the
     adapter-disabled model (peft `disable_adapter`): both switch adapters on the sharded model. `checkpointing`:
     the loader's non-reentrant gradient checkpointing, recomputing inside FSDP2's hooks."""
     torch.manual_seed(0)
     warm_path = str(warm) if warm else None
-    model_cfg = ModelConfig(name=str(model_dir), device="cpu", gradient_checkpointing=checkpointing)
+    model_cfg = ModelConfig(name=str(model_dir), device="cpu", gradient_checkpointing=checkpointing, dtype=dtype)
     return load_model(model_cfg, LORA, adapter_path=warm_path, reference_adapter=warm_path)
 
 
@@ -138,13 +141,15 @@ def _rank_main(rank: int, world: int, port: int, work: str, mode: str) -> None:
     ranks = distributed.init(cfg)
     channel = distributed.Channel(ranks)
     grpo, trainer_cfg = _configs(spec["budget"])
-    model = _model(spec["model_dir"], spec["warm"], spec.get("checkpointing", False))
+    model = _model(spec["model_dir"], spec["warm"], spec.get("checkpointing", False),
+                   spec.get("dtype", "float32"))
     trainer = distributed.ShardedTrainer(model, grpo, trainer_cfg, 1.0, ranks,
                                          channel)
     if rank == 0:
         if mode == "resume":
             load_checkpoint(Path(work, "checkpoints", "checkpoint-2"), trainer)
-        stats = _train(trainer, spec["samples"], 2 if mode == "save" else 1 if mode == "resume" else UPDATES)
+        stats = _train(trainer, spec["samples"], 2 if mode == "save" else 1 if mode == "resume" else UPDATES,
+                       spec.get("stale", True))
         if mode == "save":
             save_checkpoint(Path(work, "checkpoints"), 2, trainer, {"version": trainer.version})
             stats += _train(trainer, spec["samples"], 1)
@@ -212,6 +217,36 @@ def test_two_ranks_take_the_same_steps_as_one_process(tiny_model_dir, tmp_path, 
     start = _lora(get_peft_model_state_dict(_model(tiny_model_dir, warm).model, adapter_name="default"))
     assert all((solo_lora[k] - start[k]).abs().max() > 1e-4 for k in solo_lora if "lora_B" in k)  # every B moved
     _close(ranks_lora, solo_lora, atol=1e-5)
+
+
+def test_bf16_weights_train_on_two_ranks_when_the_first_forward_is_the_reference(tiny_model_dir, tmp_path):
+    """The GPU layout: bf16 base weights, fp32 LoRA, bf16 compute (`MixedPrecisionPolicy`), and a fresh LoRA
+    whose KL reference is the adapter-disabled model, so the first forward runs with peft's LoRA flags off.
+    FSDP2 reads those flags at its lazy init to pick the gradient dtype; `shard` runs that init first, or the
+    first backward fails ("a gradient with dtype BFloat16 ... grad_dtype Float", seen on an H200). The steps
+    match one process's within bf16 rounding."""
+    from peft import get_peft_model_state_dict
+
+    samples = _samples(tiny_model_dir)
+    budget = 4 * max(s.n_tokens for s in samples)
+    spec = {"model_dir": tiny_model_dir, "warm": None, "samples": samples, "budget": budget, "dtype": "bfloat16",
+            "stale": False}  # fresh samples: no proximal recompute, so the reference's forward comes first
+    (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), "train"), nprocs=2, join=True)
+    ranks_stats = json.loads((tmp_path / "stats-train.json").read_text())
+
+    solo = _model(tiny_model_dir, None, dtype="bfloat16")
+    grpo, trainer_cfg = _configs(budget)
+    solo_stats = _train(GRPOTrainer(solo, grpo, trainer_cfg, 1.0), pickle.loads(pickle.dumps(samples)),
+                        stale=False)
+    assert solo.dtype == torch.bfloat16 and len(ranks_stats) == UPDATES
+    for one, two in zip(solo_stats, ranks_stats):
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=0.25) and two["grad_norm"] > 0
+        assert two["loss"] == pytest.approx(one["loss"], abs=BF16_LOSS_ATOL)
+    ranks_lora = _exported(tmp_path / "adapters-train")
+    solo_lora = _lora(get_peft_model_state_dict(solo.model, adapter_name="default"))
+    assert all(v.dtype == torch.float32 for v in ranks_lora.values())  # fp32 master weights, exported as they are
+    _close(ranks_lora, {k: v.float() for k, v in solo_lora.items()}, atol=BF16_LORA_ATOL)
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_and_on_one_process(tiny_model_dir, tmp_path):
