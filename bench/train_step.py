@@ -19,10 +19,11 @@ before row and an after row in the same run:
 Modifiers (kit unless said): nokl (kl_ctl 0, also trl: beta 0), prescored (the reference log-probs scored
 before the update, as when a sample is scored on arrival; timed apart as reference_s), nogc (no gradient
 checkpointing; also peft, trl), compile (trainer.compile), eager (eager attention in the vision tower and the
-language model; also peft), nobuckets (micro-batches packed in order by the token budget alone: the old packing),
-fsdp (the update through FSDP2 on one rank, `cua_kit.distributed.ShardedTrainer`: fully_shard on every decoder
-layer and vision block, bf16 compute on CUDA; its losses must be those of the same path without fsdp, whose rows
-it follows: `loss_vs_unsharded` is the largest |difference| over every update, warm-up included, beside the two
+language model; also peft), nobuckets (micro-batches packed in order by the token budget alone: the old packing;
+kit sorts rows by length first), pad10 (trainer.max_padding 0.1: a row that would make a micro-batch more than 10%
+padding starts a new one; the default 1.0 packs by the budget alone), fsdp (the update through FSDP2 on one rank,
+`cua_kit.distributed.ShardedTrainer`: fully_shard on every decoder layer and vision block, bf16 compute on
+CUDA; its losses must be those of the same path without fsdp, whose rows it follows: `loss_vs_unsharded` is the largest |difference| over every update, warm-up included, beside the two
 step times and peak memories).
   load-hf, load-unsloth: the kit's update on the model saved to a folder and loaded back by `load_model`
            with model.loader=hf or unsloth (FastVisionModel, its own LoRA wrapper and offloaded checkpointing);
@@ -98,7 +99,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # base path -> the modifiers it takes (module docstring)
 PATHS: dict[str, set[str]] = {
-    "kit": {"nokl", "prescored", "nogc", "compile", "eager", "nobuckets", "fsdp"},
+    "kit": {"nokl", "prescored", "nogc", "compile", "eager", "nobuckets", "pad10", "fsdp"},
     "peft": {"nogc", "eager"},
     "trl": {"nokl", "nogc"},
     "load": {"hf", "unsloth"},  # the kit's update on a model saved to a folder and loaded by model.loader=hf|unsloth
@@ -240,13 +241,15 @@ def run_kit(policy: LoadedModel, rows: list, args: argparse.Namespace, mods: set
     peft_model, device = policy.model, policy.device
     buckets = "nobuckets" not in mods
     trainer_cfg = TrainerConfig(micro_batch_tokens=args.micro_batch_tokens or args.rows * args.seq,
-                                max_seq_length=args.seq, length_buckets=buckets, max_padding=0.1 if buckets else 1.0,
+                                max_seq_length=args.seq, length_buckets=buckets,
+                                max_padding=0.1 if "pad10" in mods else 1.0,
                                 compile="compile" in mods)
     kl_ctl = 0.0 if "nokl" in mods else 0.01
     behaviour = reference_logprobs(policy, rows, device)  # = the policy's at step 0 (LoRA B is zero)
     trainer = (one_rank_trainer(policy, GRPOConfig(kl_ctl=kl_ctl), trainer_cfg) if "fsdp" in mods else
                GRPOTrainer(policy, GRPOConfig(kl_ctl=kl_ctl), trainer_cfg, TEMPERATURE))
     reference_s: list[float] = []
+    update_s: list[float] = []
     losses: list[float] = []
 
     def step() -> dict[str, float]:
@@ -255,12 +258,15 @@ def run_kit(policy: LoadedModel, rows: list, args: argparse.Namespace, mods: set
         if "prescored" in mods:  # scored as the samples arrive, before (and timed apart from) the update
             seconds, _ = timed(lambda: trainer.score_reference(samples), device)
             reference_s.append(seconds)
-        stats = trainer.update(samples)
+        seconds, stats = timed(lambda: trainer.update(samples), device)
+        update_s.append(seconds)
         losses.append(stats["loss"])
         return stats
 
     warmup = max(args.warmup, 3) if "compile" in mods else args.warmup  # compiles (and recompiles once) first
     times, stats = time_steps(step, device, warmup, args.steps)
+    if "prescored" in mods:  # the row is the update alone; the reference's time is reference_s
+        times = update_s[-args.steps:]
     if "fsdp" in mods:
         trainer.channel.close()  # its keep-alive thread ends with the path
     result = {"times_s": times, "peak_gib": peak_gib(device), "last_update": stats, "losses": losses,
@@ -481,7 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["2b", "8b"], help="model shapes")
     parser.add_argument("--paths", nargs="+", default=["peft", "kit", "kit-nokl"],
                         help="base[-modifier...]: peft[-nogc|-eager], kit[-nokl|-prescored|-nogc|-compile|-eager|"
-                             "-nobuckets|-fsdp], trl[-nokl|-nogc], load-hf, load-unsloth (module docstring)")
+                             "-nobuckets|-pad10|-fsdp], trl[-nokl|-nogc], load-hf, load-unsloth (module docstring)")
     parser.add_argument("--rows", type=int, default=4, help="sequences per step")
     parser.add_argument("--mixed", action="store_true", help="every other screenshot half as high: two row lengths")
     parser.add_argument("--micro-batch-tokens", type=int, default=0,

@@ -15,9 +15,10 @@ if want 8b; then  # each change against kit (all on) and the combination; 4 x 1,
   step --shape 8b --steps 5 --out "$OUT/update_speed_8b.json" --paths peft peft-nogc kit kit-nokl kit-prescored \
     kit-eager kit-nogc kit-compile kit-prescored-nogc kit-prescored-nogc-compile
 fi
-if want mixed; then  # rows of 1,196 and 716 tokens under the same 4 x 1,196 budget: length buckets before/after
+if want mixed; then  # rows of 1,196 and 716 tokens under the same 4 x 1,196 budget: in order, sorted, and sorted
+  # with at most 10% padding (two equal-length micro-batches instead of one padded one)
   step --shape 8b --steps 5 --mixed --micro-batch-tokens 4784 --out "$OUT/update_speed_mixed.json" \
-    --paths peft kit-nobuckets kit
+    --paths peft kit-nobuckets kit kit-pad10
 fi
 if want trl; then  # TRL's GRPOTrainer (generation replaced by the same completions) beside the kit and peft
   step --shape 8b --steps 5 --out "$OUT/update_speed_trl.json" --paths peft kit trl trl-nokl kit-nokl

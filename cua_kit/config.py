@@ -296,12 +296,14 @@ class TrainerConfig:
     length_buckets: bool = True
     """Sort samples by length (longest first) before packing micro-batches, with at most max_padding of each padded:
     less padding, and equal lengths let sdpa drop the attention mask; the loss is the same sum either way."""
-    max_padding: float = 0.1
-    """With length_buckets: largest share of a micro-batch's tokens that may be padding (a row that would pad more
-    starts a new micro-batch; at 8B a micro-batch's fixed cost is a few % of its compute). 1.0 = budget only."""
+    max_padding: float = 1.0
+    """With length_buckets: largest share of a micro-batch's tokens that may be padding (a row that would pad
+    more starts a new micro-batch). 1.0 = the budget alone: on an H200 at 8B, splitting 2 x 1,196 + 2 x 716
+    tokens into two equal-length micro-batches (0.1) took 2.12 s, one 20%-padded batch 1.34 s (BENCHMARKS.md)."""
     compile: bool = False
     """torch.compile the language model's decoder layers for the update (regional, dynamic shapes; generation stays
-    eager). Off by default: measure it first (bench/train_step.py --compile, docs/BENCHMARKS.md)."""
+    eager). 1.17x faster updates at 8B on an H200 (bench/train_step.py path kit-compile, docs/BENCHMARKS.md); off by
+    default, because the first updates pay the compile and the CPU gains nothing."""
     max_seq_length: int = 8192
     """Prompt+completion tokens of one sample at most; longer samples are dropped and counted."""
     seed: int = 1

@@ -73,8 +73,8 @@ def test_every_update_speed_path_runs_and_the_prescored_reference_is_timed_apart
 
     real_compile = torch.compile
     monkeypatch.setattr(trainer_module.torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
-    paths = ["peft-nogc", "peft-eager", "kit-prescored", "kit-nogc", "kit-eager", "kit-nobuckets", "kit-compile",
-             "kit-prescored-nogc-compile", "load-hf", "load-unsloth"]
+    paths = ["peft-nogc", "peft-eager", "kit-prescored", "kit-nogc", "kit-eager", "kit-nobuckets", "kit-pad10",
+             "kit-compile", "kit-prescored-nogc-compile", "load-hf", "load-unsloth"]
     report = train_step.main(TINY + ["--image", "64x128", "--seq", "56", "--mixed", "--micro-batch-tokens", "60",
                                      "--paths", *paths, "--out", str(tmp_path / "x.json")])
     by_path = {r["path"]: r for r in report["results"]}

@@ -13,9 +13,11 @@ The reference is frozen, so its log-probs are a property of the sample: `score_r
 per sample (kept while the sample lives) in no-grad passes that run before the first optimizer step, next to
 the proximal recompute and on the same collated inputs (a micro-batch's images are processed once per update).
 A caller may score the reference earlier, e.g. while the GPU waits on environments; the update then skips it.
-Micro-batches hold rows of similar length (`trainer.length_buckets`): less padding, and a micro-batch of equal
-lengths needs no attention mask, so sdpa can take its flash kernel. The loss is a sum over micro-batches
-weighted by their share of tokens (or sequences), so how rows are grouped does not change it.
+Micro-batches are packed from rows sorted by length (`trainer.length_buckets`): less padding when the budget
+splits a batch. `trainer.max_padding` < 1 also splits a batch that fits the budget into micro-batches of similar
+length (no attention mask, so sdpa's flash kernel); at 8B that measured slower (docs/BENCHMARKS.md), so it is off
+by default. The loss is a sum over micro-batches weighted by their share of tokens (or sequences), so how rows are
+grouped does not change it.
 
 With more than one mini-batch, later mini-batches see weights already moved by earlier ones: the ratio
 to the behaviour (or proximal) log-probs is no longer 1 and the PPO clip bounds the move, as in PPO's
@@ -106,7 +108,7 @@ def pack_micro_batches(samples: list[Sample], token_budget: int, max_padding: fl
 
 
 def micro_batches(samples: list[Sample], token_budget: int, by_length: bool = True,
-                  max_padding: float = 0.1) -> list[list[Sample]]:
+                  max_padding: float = 1.0) -> list[list[Sample]]:
     """`pack_micro_batches` over the samples sorted longest first (`by_length`): rows of similar length share a
     micro-batch and at most `max_padding` of a micro-batch is padding; without `by_length`, the old packing in
     order by the budget alone."""
