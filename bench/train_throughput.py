@@ -60,7 +60,9 @@ def rate(run_dir: Path, warmup: int, n_samples: int) -> dict:
             "update_s": round(sum(e.get("update_s", 0.0) for e in extra) / len(extra), 2),
             "gen_busy_s": round(sum(e.get("gen_busy_s", 0.0) for e in extra) / len(extra), 2),
             "turns_per_episode": round(sum(e.get("turns_per_episode", 0.0) for e in extra) / len(extra), 2),
-            "logprob_gap_abs": max((e.get("logprob_gap_abs", 0.0) for e in extra), default=0.0)}
+            # the generation engine's log-probs vs the trainer's, on samples of the trainer's current version only
+            # (none under async, where every sample is a version behind): None when no step had one
+            "logprob_gap_abs": max((e["logprob_gap_abs"] for e in extra if "logprob_gap_abs" in e), default=None)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in results:
         print(f"{r['variant']:>10} {r['episodes_per_hour']:>11.1f} {r['episodes_per_hour'] / base:>5.2f}x "
               f"{r['s_per_step']:>7.2f} {r['update_s']:>9.2f} {r['gen_busy_s']:>10.2f} {r['turns_per_episode']:>8.2f} "
-              f"{r['logprob_gap_abs']:>8.4f}")
+              f"{'-' if r['logprob_gap_abs'] is None else format(r['logprob_gap_abs'], '.4f'):>8}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.node(), "config": args.config, "common": args.common,
