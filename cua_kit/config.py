@@ -247,6 +247,12 @@ class VLLMConfig:
 class GRPOConfig:
     adv_mode: Literal["std", "no_std", "loo"] = "std"
     """Advantage: (r-mean)/(std+eps), Dr. GRPO's r-mean, or leave-one-out."""
+    step_advantage_weight: float = 0.0
+    """GiGPO (Feng et al. 2025): each turn's advantage is its episode's plus this weight times a step-level
+    advantage, from the turns of the group that saw the same screen (`grpo.step_advantages`). 0 = plain GRPO;
+    the paper uses 1."""
+    step_gamma: float = 0.95
+    """GiGPO's discount: a turn's return is step_gamma^(turns left after it) * the episode's reward."""
     eps_clip: float = 0.2
     """PPO clip range below 1 (and above, unless eps_clip_high is set)."""
     eps_clip_high: float = 0.0
@@ -272,7 +278,10 @@ class GRPOConfig:
                 ("eps_clip_high", _finite(self.eps_clip_high, 0), "a number >= 0 (0 = eps_clip)"),
                 ("kl_ctl", _finite(self.kl_ctl, 0), "a number >= 0"),
                 ("max_is_weight", _finite(self.max_is_weight, 0, low_open=True), "a number > 0"),
-                ("minibatches", self.minibatches >= 1, "an integer >= 1")]
+                ("minibatches", self.minibatches >= 1, "an integer >= 1"),
+                ("step_advantage_weight", _finite(self.step_advantage_weight, 0), "a number >= 0 (0 = off)"),
+                ("step_gamma", _finite(self.step_gamma, 0, low_open=True) and self.step_gamma <= 1,
+                 "a number in (0, 1]")]
 
 
 @dataclass

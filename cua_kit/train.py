@@ -84,7 +84,8 @@ class TrainingRun:
         c = self.cfg
         settings = ControllerSettings(c.rollout.n_samples, c.trainer.batch_size, c.rollout.max_concurrent_rollouts,
                                       c.rollout.max_staleness, c.rollout.filter_zero_variance, c.grpo.adv_mode,
-                                      c.rollout.max_errors_in_a_row)
+                                      c.rollout.max_errors_in_a_row, c.grpo.step_advantage_weight,
+                                      c.grpo.step_gamma)
         return RolloutController(self.policy, pool, make_agent(c, self.loaded.processor),
                                  TaskSampler(self.train_tasks, c.trainer.seed), settings, episode_settings(c),
                                  self.run_dir, on_group=lambda g: write_group(self.trace, g, c.env.name),

@@ -299,3 +299,33 @@ def test_state_dict_replays_admitted_but_unconsumed_tasks_first(loaded):
         reference.next()
     first_three = asyncio.run(resumed_run(state))
     assert first_three == unconsumed + [reference.next()[0].id]
+
+
+# ---------------------------------------------------------------------------------------------- GiGPO
+def _episode(episode_id: str, task: Task, screens: list[str], reward: float) -> Any:
+    from PIL import Image
+
+    from cua_kit.actions import InvalidAction
+    from cua_kit.rollout.episode import Episode, Turn, TurnSample
+
+    turns = [Turn(i, TurnSample([1], [2], [0.0], [Image.new("RGB", (8, 8), color)], 0), "", InvalidAction("x", "x"),
+                  "", 0.0, "stop", "") for i, color in enumerate(screens)]
+    return Episode(episode_id, task, turns=turns, status="finished", reward=reward)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_gigpo_adds_the_weighted_step_advantage_of_each_turn(loaded, weight):
+    """Three episodes of one group: [red, blue] reward 1, [red, green, blue] reward 1, [red] reward 0 (the screens
+    each turn saw). Episode advantages (no_std): 1/3, 1/3, -2/3. Step advantages (gamma 0.9, worked out in
+    tests/test_grpo_math.py): red 0.33, 0.24, -0.57; blue 0, 0; green 0. Each turn trains on the sum, the step
+    part times grpo.step_advantage_weight; weight 0 is plain GRPO."""
+    c = make_controller(loaded, synth_tasks(0, 1), adv_mode="no_std", step_advantage_weight=weight, step_gamma=0.9)
+    task = synth_tasks(0, 1)[0]
+    episodes = [_episode("e0", task, ["red", "blue"], 1.0), _episode("e1", task, ["red", "green", "blue"], 1.0),
+                _episode("e2", task, ["red"], 0.0)]
+    group = c._make_group("g0", task, 0, episodes)
+    got = [adv for _, adv in group.samples()]
+    step = [0.33, 0.0, 0.24, 0.0, 0.0, -0.57]
+    episode = [1 / 3, 1 / 3, 1 / 3, 1 / 3, 1 / 3, -2 / 3]
+    assert got == pytest.approx([e + weight * s for e, s in zip(episode, step)], abs=1e-5)
+    assert (group.step_advantages is None) == (weight == 0)

@@ -17,6 +17,7 @@ from cua_kit.grpo.losses import (
     group_advantages,
     grpo_loss,
     kl_k3,
+    step_advantages,
     token_logprobs,
 )
 
@@ -49,6 +50,22 @@ def test_advantages_have_zero_mean_per_group_and_vanish_on_equal_rewards(mode: s
     rewards = torch.tensor([[0.2, 0.9, 0.0, 1.0, 0.5], [3.0, -1.0, 2.0, 0.0, 0.0]])
     assert close(group_advantages(rewards, mode).mean(dim=-1), [0.0, 0.0])
     assert close(group_advantages(torch.ones(4), mode), [0.0] * 4)
+
+
+def test_step_advantages_group_turns_by_the_screen_they_saw() -> None:
+    # GiGPO, gamma 0.9. Episodes (screens seen per turn; reward): [A, B] 1; [A, C, B] 1; [A] 0.
+    # Discounted returns gamma^(turns left) * r: [0.9, 1.0]; [0.81, 0.9, 1.0]; [0.0].
+    # Screen A: 0.9, 0.81, 0.0, mean 0.57 -> no_std 0.33, 0.24, -0.57. Screen B: 1.0, 1.0 -> 0, 0. C: seen once -> 0.
+    states, rewards = [["A", "B"], ["A", "C", "B"], ["A"]], [1.0, 1.0, 0.0]
+    adv = step_advantages(states, rewards, gamma=0.9, mode="no_std")
+    assert [len(a) for a in adv] == [2, 3, 1]
+    assert close(sum(adv, []), [0.33, 0.0, 0.24, 0.0, 0.0, -0.57])
+    # std: population std of (0.33, 0.24, -0.57) = sqrt((0.1089 + 0.0576 + 0.3249) / 3) = 0.4047221
+    std = step_advantages(states, rewards, gamma=0.9, mode="std")
+    assert close([std[0][0], std[1][0], std[2][0]], [0.33 / 0.4047221, 0.24 / 0.4047221, -0.57 / 0.4047221], 1e-4)
+    # the shorter success from the shared first screen scores higher; nothing is shared: all 0
+    assert std[0][0] > std[1][0] > 0 > std[2][0]
+    assert step_advantages([["A"], ["B"]], [1.0, 0.0]) == [[0.0], [0.0]]
 
 
 def test_bad_advantage_arguments_say_what_to_do() -> None:

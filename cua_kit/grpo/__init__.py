@@ -8,8 +8,9 @@ from cua_kit.grpo.losses import (
     group_advantages,
     grpo_loss,
     kl_k3,
+    step_advantages,
     token_logprobs,
 )
 
 __all__ = ["aggregate", "clipped_surrogate", "decoupled_surrogate", "entropy_from_logits", "group_advantages",
-           "grpo_loss", "kl_k3", "token_logprobs"]
+           "grpo_loss", "kl_k3", "step_advantages", "token_logprobs"]

@@ -42,6 +42,30 @@ def group_advantages(rewards: Tensor, mode: AdvantageMode = "std", eps: float = 
     raise ValueError(f"unknown advantage mode {mode!r}; use 'std', 'no_std' or 'loo'")
 
 
+def step_advantages(states: list[list[str]], rewards: list[float], gamma: float = 0.95,
+                    mode: AdvantageMode = "std") -> list[list[float]]:
+    """GiGPO's step-level advantages (Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent
+    Training"; verl-agent's `gigpo`): the turns of a group's episodes that saw the same state (an anchor state:
+    `states[i][t]` is a key of episode i's observation at turn t) form a step group, and each turn's discounted
+    return R_it = gamma^(T_i - 1 - t) * r_i (the episode's reward, paid at its last turn) is normalised inside its
+    step group with `group_advantages(mode)`. A state seen once gets 0. So among turns from the same screen, those
+    whose episode succeeded sooner score higher: credit for one turn, not the whole episode.
+    """
+    returns = [[gamma ** (len(keys) - 1 - t) * r for t in range(len(keys))] for keys, r in zip(states, rewards)]
+    by_state: dict[str, list[tuple[int, int]]] = {}
+    for i, keys in enumerate(states):
+        for t, key in enumerate(keys):
+            by_state.setdefault(key, []).append((i, t))
+    out = [[0.0] * len(keys) for keys in states]
+    for members in by_state.values():
+        if len(members) < 2:
+            continue
+        adv = group_advantages(torch.tensor([returns[i][t] for i, t in members]), mode=mode).tolist()
+        for (i, t), a in zip(members, adv):
+            out[i][t] = a
+    return out
+
+
 def _ppo_terms(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float | None) -> tuple[Tensor, Tensor]:
     """(min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A), whether the clipped term was the smaller)."""
     eps_high = eps_high or eps_low  # None or 0 (the config's "unset") = symmetric clipping

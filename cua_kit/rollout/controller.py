@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -28,10 +29,10 @@ import torch
 
 from cua_kit.envs.base import Task
 from cua_kit.envs.pool import EnvPool
-from cua_kit.grpo.losses import group_advantages
+from cua_kit.grpo.losses import group_advantages, step_advantages
 from cua_kit.inference.base import Policy
 from cua_kit.agent import Agent
-from cua_kit.rollout.episode import Episode, EpisodeSettings, TurnSample, run_episode
+from cua_kit.rollout.episode import Episode, EpisodeSettings, Turn, TurnSample, run_episode
 from cua_kit.rollout.health import MAX_TASK_ATTEMPTS, RunFailure, RunHealth
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,15 @@ class TaskSampler:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
+def screen_key(turn: Turn) -> str:
+    """The state a turn acted on, for GiGPO's anchor-state groups: a hash of the screenshot it saw (the prompt's
+    last image). A turn without one is a state of its own."""
+    if not turn.sample.images:
+        return f"no-screen-{id(turn)}"
+    image = turn.sample.images[-1]
+    return hashlib.sha1(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
 @dataclass
 class Group:
     group_id: str
@@ -72,6 +82,8 @@ class Group:
     episodes: list[Episode]
     advantages: list[float]  # one per valid (non env-error) episode, in order
     created_at: float = field(default_factory=time.time)
+    # GiGPO's step-level term (grpo.step_advantage_weight > 0), already weighted: one per turn of each valid episode
+    step_advantages: list[list[float]] | None = None
 
     @property
     def valid(self) -> list[Episode]:
@@ -90,8 +102,11 @@ class Group:
         return len(set(self.rewards)) <= 1
 
     def samples(self) -> list[tuple[TurnSample, float]]:
-        """Every turn of every valid episode, carrying its episode's advantage."""
-        return [(t.sample, adv) for e, adv in zip(self.valid, self.advantages) for t in e.turns]
+        """Every turn of every valid episode, carrying its episode's advantage (plus its weighted step-level
+        advantage under GiGPO)."""
+        steps = self.step_advantages or [[0.0] * len(e.turns) for e in self.valid]
+        return [(t.sample, adv + step) for e, adv, per_turn in zip(self.valid, self.advantages, steps)
+                for t, step in zip(e.turns, per_turn)]
 
 
 @dataclass
@@ -122,6 +137,8 @@ class ControllerSettings:
     filter_zero_variance: bool = False
     adv_mode: str = "std"
     max_errors_in_a_row: int = 16
+    step_advantage_weight: float = 0.0  # GiGPO's weight on step-level advantages (0: plain GRPO)
+    step_gamma: float = 0.95
 
 
 class RolloutController:
@@ -224,10 +241,15 @@ class RolloutController:
         self.stats.episodes_scored += len(valid)
         self.stats.episodes_succeeded += sum(e.success for e in valid)
         advantages: list[float] = []
+        steps = None
         if len(valid) >= 2:
             rewards = torch.tensor([e.reward for e in valid], dtype=torch.float32)
             advantages = group_advantages(rewards, mode=self.s.adv_mode).tolist()
-        return Group(group_id, task, epoch, episodes, advantages)
+            if self.s.step_advantage_weight > 0:
+                per_turn = step_advantages([[screen_key(t) for t in e.turns] for e in valid], rewards.tolist(),
+                                           self.s.step_gamma, self.s.adv_mode)
+                steps = [[self.s.step_advantage_weight * a for a in turns] for turns in per_turn]
+        return Group(group_id, task, epoch, episodes, advantages, step_advantages=steps)
 
     async def _accept(self, group: Group) -> None:
         if self.on_group is not None:
