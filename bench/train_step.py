@@ -23,8 +23,8 @@ language model; also peft), nobuckets (micro-batches packed in order by the toke
 kit sorts rows by length first), pad10 (trainer.max_padding 0.1: a row that would make a micro-batch more than 10%
 padding starts a new one; the default 1.0 packs by the budget alone), fsdp (the update through FSDP2 on one rank,
 `cua_kit.distributed.ShardedTrainer`: fully_shard on every decoder layer and vision block, bf16 compute on
-CUDA; its losses must be those of the same path without fsdp, whose rows it follows: `loss_vs_unsharded` is the largest |difference| over every update, warm-up included, beside the two
-step times and peak memories).
+CUDA; its losses must be those of the same path without fsdp, whose rows it follows: `loss_vs_unsharded` is the
+largest |difference| over every update, warm-up included, beside the two step times and peak memories).
   load-hf, load-unsloth: the kit's update on the model saved to a folder and loaded back by `load_model`
            with model.loader=hf or unsloth (FastVisionModel, its own LoRA wrapper and offloaded checkpointing);
            load time reported as load_s. Unsloth is imported first when a load-unsloth path is asked for.

@@ -311,8 +311,8 @@ class TrainerConfig:
     tokens into two equal-length micro-batches (0.1) took 2.12 s, one 20%-padded batch 1.34 s (BENCHMARKS.md)."""
     compile: bool = False
     """torch.compile the language model's decoder layers for the update (regional, dynamic shapes; generation stays
-    eager). 1.17x faster updates at 8B on an H200 (bench/train_step.py path kit-compile, docs/BENCHMARKS.md); off by
-    default, because the first updates pay the compile and the CPU gains nothing."""
+    eager). 1.17x faster updates at 8B on an H200 (bench/train_step.py path kit-compile, docs/BENCHMARKS.md);
+    off by default, because the first updates pay the compile and the CPU gains nothing."""
     max_seq_length: int = 8192
     """Prompt+completion tokens of one sample at most; longer samples are dropped and counted."""
     seed: int = 1

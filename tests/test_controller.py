@@ -308,8 +308,8 @@ def _episode(episode_id: str, task: Task, screens: list[str], reward: float) -> 
     from cua_kit.actions import InvalidAction
     from cua_kit.rollout.episode import Episode, Turn, TurnSample
 
-    turns = [Turn(i, TurnSample([1], [2], [0.0], [Image.new("RGB", (8, 8), color)], 0), "", InvalidAction("x", "x"),
-                  "", 0.0, "stop", "") for i, color in enumerate(screens)]
+    turns = [Turn(i, TurnSample([1], [2], [0.0], [Image.new("RGB", (8, 8), color)], 0), "",
+                  InvalidAction("x", "x"), "", 0.0, "stop", "") for i, color in enumerate(screens)]
     return Episode(episode_id, task, turns=turns, status="finished", reward=reward)
 
 

@@ -55,7 +55,8 @@ def test_advantages_have_zero_mean_per_group_and_vanish_on_equal_rewards(mode: s
 def test_step_advantages_group_turns_by_the_screen_they_saw() -> None:
     # GiGPO, gamma 0.9. Episodes (screens seen per turn; reward): [A, B] 1; [A, C, B] 1; [A] 0.
     # Discounted returns gamma^(turns left) * r: [0.9, 1.0]; [0.81, 0.9, 1.0]; [0.0].
-    # Screen A: 0.9, 0.81, 0.0, mean 0.57 -> no_std 0.33, 0.24, -0.57. Screen B: 1.0, 1.0 -> 0, 0. C: seen once -> 0.
+    # Screen A: 0.9, 0.81, 0.0, mean 0.57 -> no_std 0.33, 0.24, -0.57.
+    # Screen B: 1.0, 1.0 -> 0, 0. Screen C: seen once -> 0.
     states, rewards = [["A", "B"], ["A", "C", "B"], ["A"]], [1.0, 1.0, 0.0]
     adv = step_advantages(states, rewards, gamma=0.9, mode="no_std")
     assert [len(a) for a in adv] == [2, 3, 1]

@@ -82,7 +82,7 @@ class Group:
     episodes: list[Episode]
     advantages: list[float]  # one per valid (non env-error) episode, in order
     created_at: float = field(default_factory=time.time)
-    # GiGPO's step-level term (grpo.step_advantage_weight > 0), already weighted: one per turn of each valid episode
+    # GiGPO's step-level term (grpo.step_advantage_weight > 0), already weighted: per turn of each valid episode
     step_advantages: list[list[float]] | None = None
 
     @property
