@@ -206,10 +206,18 @@ def test_an_update_interrupts_a_turn_which_continues_on_the_new_version(loop, se
     v2 = export_adapter(loaded.model, tmp_path / "adapters", 2)
     policy = client(loaded, server, tmp_path)
 
-    async def interrupted():
+    async def uninterrupted_seconds() -> float:
         await policy.update_weights(1, v1)
+        started = time.monotonic()
+        await policy.generate(reqs)
+        return time.monotonic() - started
+
+    # a fixed sleep (2 s) missed on a less loaded 2-core VM: the 1,500 tokens came in ~3 s, the update too late
+    seconds = loop.run_until_complete(uninterrupted_seconds())
+
+    async def interrupted():
         turn = asyncio.create_task(policy.generate(reqs))
-        await asyncio.sleep(2.0)  # ~5 ms a token here: the turn is a few hundred tokens in
+        await asyncio.sleep(seconds / 3)  # a third of the uninterrupted call: well inside it
         assert not turn.done(), "the turn finished before the update could interrupt it"
         await policy.update_weights(2, v2)
         return (await turn)[0]
