@@ -303,6 +303,8 @@ class ShardedTrainer(GRPOTrainer):
         owner = self._owner or owners(samples, 1, self.ranks.world)  # outside an update: this list alone
         return plan(samples, owner, self.ranks.world, super()._micro_batches)[self.ranks.rank]
 
+    keeps_reference = False  # each update rescores its own samples (below)
+
     def score_reference(self, samples: list[Sample]) -> int:
         """Every rank scores the reference of its own samples of this update: a cache kept from earlier updates
         would differ from rank to rank, and so would the passes each rank runs."""

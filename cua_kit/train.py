@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
@@ -208,13 +209,23 @@ class TrainingRun:
             self.trace.set_message(line)
             self._waiting_shown = True
 
-        batch = await wait_for_batch(controller.get_batch(), self.stop_requested, controller.health,
-                                     self.cfg.trainer.stall_timeout_s, controller.waiting_line, waiting,
-                                     broken=self.policy.failed())
+        ahead = ReferenceAhead(self.trainer, controller) if self._scores_reference_ahead() else None
+        try:
+            batch = await wait_for_batch(controller.get_batch(), self.stop_requested, controller.health,
+                                         self.cfg.trainer.stall_timeout_s, controller.waiting_line, waiting,
+                                         broken=self.policy.failed())
+        finally:
+            if ahead is not None:
+                await ahead.stop()
         if batch is not None and self._waiting_shown:
             self.trace.set_message(None)
             self._waiting_shown = False
         return batch
+
+    def _scores_reference_ahead(self) -> bool:
+        """While the loop waits for a batch, the trainer's model is idle when generation has its own copy of the
+        weights (a vLLM server) and one process trains: it scores the KL reference of the groups that came."""
+        return (not self.policy.shares_weights and self.trainer.keeps_reference and self.cfg.grpo.kl_ctl > 0)
 
     def _step_metrics(self, batch: list[Group], stats: dict[str, float], controller: RolloutController,
                       version: int, episodes_per_hour: float) -> dict[str, float]:
@@ -234,7 +245,7 @@ class TrainingRun:
             "n_filtered": delta["groups_filtered"],
             "rollout_success_rate": delta["episodes_succeeded"] / max(1, delta["episodes_scored"]),
             "n_env_errors": delta["env_errors"],
-            "n_samples": stats["n_samples"], "update_s": stats["update_s"],
+            "n_samples": stats["n_samples"], "update_s": stats["update_s"], "n_ref_ahead": stats["n_ref_ahead"],
             "turns_per_episode": float(np.mean([len(e.turns) for g in batch for e in g.valid])) if rewards else 0.0,
             # the generation engine's log-probs against the trainer's on fresh samples (when a step was taken)
             **{k: v for k, v in stats.items() if k.startswith("logprob_gap_")},
@@ -324,6 +335,40 @@ class TrainingRun:
             print(f"Received {signal.Signals(sig).name}: saving a checkpoint and stopping after this step", flush=True)
             self._signalled_at = now
         self.stop_requested.set()
+
+
+class ReferenceAhead:
+    """Scores the KL reference of the accepted groups (`controller.ready_groups`) while the loop waits for its
+    batch, one group at a time, so the update that takes them skips that forward (issue 16: the reference off the
+    critical path). `stop` lets the group being scored finish: the model is never in two passes at once."""
+
+    POLL_S = 0.05
+
+    def __init__(self, trainer: GRPOTrainer, controller: RolloutController):
+        self.trainer, self.controller = trainer, controller
+        self._stopping = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        seen: set[str] = set()
+        while not self._stopping.is_set():
+            group = next((g for g in self.controller.ready_groups() if g.group_id not in seen), None)
+            if group is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.POLL_S)
+                continue
+            seen.add(group.group_id)
+            samples = [Sample(turn, adv, group.group_id) for turn, adv in group.samples()]
+            try:
+                await asyncio.to_thread(self.trainer.score_reference, samples)
+            except Exception as exc:  # noqa: BLE001 - the update scores what is missing, and says so if it fails
+                log.warning("scoring the reference ahead of the update failed (%s: %s); the update scores it",
+                            type(exc).__name__, exc)
+                return
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self._task
 
 
 def trainer_parts(cfg: Config, resume_from: Path | None, ranks: Ranks | None = None,

@@ -298,22 +298,29 @@ def db_rows(run_dir: Path, sql: str):
 
 
 def test_a_grpo_run_through_vllm_writes_a_consistent_trace(server, vllm_python, tiny_model_dir, tmp_path):
-    """`cua-kit train` with rollout.backend=vllm on the module's server (vllm.api_base), 3 synchronous steps."""
+    """`cua-kit train` with rollout.backend=vllm on the module's server (vllm.api_base), 3 synchronous steps of
+    2 groups, KL on: the trainer scores the first group's reference while the second is generated."""
     out = tmp_path / "out"
     before = served_adapters(server)
-    proc = subprocess.run(train_cmd(tiny_model_dir, vllm_python, out, f"vllm.api_base={server.url}"),
+    proc = subprocess.run(train_cmd(tiny_model_dir, vllm_python, out, f"vllm.api_base={server.url}",
+                                    "trainer.batch_size=2", "grpo.kl_ctl=0.01"),
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = out / "quickstart/trial0"
     assert db_rows(run, "select status from runs") == [("finished",)]
     steps = db_rows(run, "select step, version, extra_json from steps order by step")
     assert [(s, v) for s, v, _ in steps] == [(1, 1), (2, 2), (3, 3)]
+    ahead = []
     for _, _, extra in steps:
         extra = json.loads(extra)
         # every sample is fresh (max_staleness 0): vLLM's log-probs against the trainer's, same weights and tokens
-        assert extra["logprob_gap_abs"] < 1e-3 and extra["vllm_tokens"] > 0 and extra["gen_requests"] >= 4
+        assert extra["logprob_gap_abs"] < 1e-3 and extra["vllm_tokens"] > 0 and extra["gen_requests"] >= 8
+        assert 0 <= extra["n_ref_ahead"] <= extra["n_samples"]
+        ahead.append(extra["n_ref_ahead"])
+    # 4 episodes run at a time: a step's first group is in while its second is generated, and gets scored then
+    assert sum(ahead) > 0, ahead
     groups = db_rows(run, "select group_id, step from groups where step is not null order by step")  # consumed
-    assert [s for _, s in groups] == [1, 2, 3]
+    assert [s for _, s in groups] == [1, 1, 2, 2, 3, 3]
     for group_id, step in groups:
         episodes = db_rows(run, f"select episode_id, status, n_turns from episodes where group_id = '{group_id}'")
         assert len(episodes) == 4 and all(status != "policy_error" for _, status, _ in episodes)

@@ -12,7 +12,8 @@
 The reference is frozen, so its log-probs are a property of the sample: `score_reference` computes them once
 per sample (kept while the sample lives) in no-grad passes that run before the first optimizer step, next to
 the proximal recompute and on the same collated inputs (a micro-batch's images are processed once per update).
-A caller may score the reference earlier, e.g. while the GPU waits on environments; the update then skips it.
+A caller may score the reference earlier, e.g. while the GPU waits on environments (the training loop does, with
+a server backend: `cua_kit.train.ReferenceAhead`); the update then skips it.
 Micro-batches are packed from rows sorted by length (`trainer.length_buckets`): less padding when the budget
 splits a batch. `trainer.max_padding` < 1 also splits a batch that fits the budget into micro-batches of similar
 length (no attention mask, so sdpa's flash kernel); at 8B that measured slower (docs/BENCHMARKS.md), so it is off
@@ -133,6 +134,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 class GRPOTrainer:
     """Owns the optimizer and scheduler of the LoRA parameters; `update` runs one GRPO step."""
 
+    keeps_reference = True  # reference log-probs scored ahead of an update (`score_reference`) are used by it
+
     def __init__(self, policy: LoadedModel, grpo: GRPOConfig, trainer: TrainerConfig,
                  sampling: SamplingParams | float):
         """`sampling`: the rollout's distribution (`inference.distribution`), which the scoring forward replays;
@@ -190,7 +193,7 @@ class GRPOTrainer:
         """Reference log-probs of the samples not scored yet (no grad, under `reference_model`); returns how many
         were scored. The reference is frozen, so each sample is scored once, however many mini-batches or updates
         it goes through, and the result is kept as long as the sample (its turn) lives."""
-        todo = [s for s in {id(s.turn): s for s in samples}.values() if id(s.turn) not in self._ref]
+        todo = [s for s in {id(s.turn): s for s in self._kept(samples)}.values() if id(s.turn) not in self._ref]
         if self.grpo.kl_ctl <= 0 or not todo:
             return 0
         for batch in self._micro_batches(todo):
@@ -217,7 +220,8 @@ class GRPOTrainer:
         generation off these weights meanwhile (`Policy.pause`) when it shares them."""
         start = time.perf_counter()
         kept = self._kept(samples)
-        stats = {"n_samples": float(len(kept)), "n_too_long": float(len(samples) - len(kept))}
+        stats = {"n_samples": float(len(kept)), "n_too_long": float(len(samples) - len(kept)),
+                 "n_ref_ahead": float(sum(id(s.turn) in self._ref for s in kept))}  # scored before this update
         self.policy.model.train()
         self._inputs = {}
         try:

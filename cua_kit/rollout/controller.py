@@ -155,6 +155,7 @@ class RolloutController:
         self._attempts: dict[tuple[str, int], int] = {}  # (task id, epoch) -> groups run without 2 scored episodes
         self._filtered_in_a_row = 0
         self.buffer: list[Group] = []
+        self._gathering: list[Group] = []  # the batch `get_batch` is putting together
         self.pending: dict[str, tuple[Task, int]] = {}  # admitted, not yet consumed: replayed on resume
         self.replay: list[tuple[Task, int]] = []
         self.group_seq = 0
@@ -301,7 +302,7 @@ class RolloutController:
     async def get_batch(self) -> list[Group]:
         """The next batch_size groups within the staleness bound (stale ones are dropped and counted)."""
         assert self._cond is not None
-        batch: list[Group] = []
+        batch = self._gathering = []
         while len(batch) < self.s.batch_size:
             async with self._cond:
                 await self._cond.wait_for(lambda: bool(self.buffer) or self.health.failure is not None)
@@ -317,8 +318,13 @@ class RolloutController:
             batch.append(group)
         for group in batch:
             self.pending.pop(group.group_id, None)
+        self._gathering = []
         self.health.mark()
         return batch
+
+    def ready_groups(self) -> list[Group]:
+        """Accepted groups that no update has taken yet: the batch being gathered, then the buffer."""
+        return self._gathering + self.buffer
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
