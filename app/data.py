@@ -132,8 +132,10 @@ def curves_figure(runs: list[dict[str, Any]]) -> go.Figure:
 
 
 # ----------------------------------------------------------------------------- groups
-def _reward_colour(reward: float) -> str:
-    """Red (0) to green (1): success is green whatever the advantage."""
+def _reward_colour(reward: float | None) -> str:
+    """Red (0) to green (1): success is green whatever the advantage; grey for no reward (an env error)."""
+    if reward is None:
+        return "#eeeeee"
     r = min(1.0, max(0.0, reward))
     return f"hsl({int(120 * r)}, 70%, 85%)"
 
@@ -159,11 +161,11 @@ def load_groups(db_path: str, run_id: str, step: int | None) -> list[dict[str, A
         db.close()
 
 
-def _sample_cell(i: int, reward: float, advantage: float | None, episode: dict[str, Any] | None) -> str:
+def _sample_cell(i: int, reward: float | None, advantage: float | None, episode: dict[str, Any] | None) -> str:
     mark = "✓" if episode and episode.get("success") else "✗"
     status = html.escape(episode.get("status") or "") if episode else ""
     return (f'<td class="sample" data-reward="{reward!r}" data-advantage="{advantage!r}">'
-            f'<div class="r" style="background:{_reward_colour(reward)}">#{i} {mark} r={reward:.2f}</div>'
+            f'<div class="r" style="background:{_reward_colour(reward)}">#{i} {mark} r={_fmt(reward)}</div>'
             f'<div class="a" style="background:{_advantage_colour(advantage)}">A={_fmt(advantage)}</div>'
             f'<div class="st">{status}</div></td>')
 

@@ -263,3 +263,29 @@ def test_list_runs_and_open_db_errors(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         db.execute("DELETE FROM steps")
     db.close()
+
+
+def test_a_group_with_an_env_error_keeps_rewards_and_advantages_aligned(db_path: Path) -> None:
+    """The group rows of the loop (`trace.rows.write_group`) list one reward and one advantage per episode in
+    sample order, null for the episode that got no reward; the dashboard's group table shows them side by side."""
+    from app.data import groups_html
+    from cua_kit.envs.base import Task
+    from cua_kit.rollout.controller import Group
+    from cua_kit.rollout.episode import Episode
+    from cua_kit.trace.rows import write_group as write_loop_group
+
+    task = Task("t1", "synth")
+    episodes = [Episode("e0", task, 0, status="finished", reward=0.0),
+                Episode("e1", task, 1, status="env_error", error="browser died"),
+                Episode("e2", task, 2, status="finished", reward=1.0)]
+    with TraceWriter(db_path, "run-a") as writer:
+        writer.start_run("exp", "trial0", {}, pid=123)
+        write_loop_group(writer, Group("g1", task, 0, episodes, advantages=[-0.7, 0.7]), "synth")
+        writer.flush()
+        db = queries.open_db(db_path)
+        (row,) = queries.groups_at_step(db, "run-a", None)
+        db.close()
+    assert json.loads(row["rewards_json"]) == [0.0, None, 1.0]
+    assert json.loads(row["advantages_json"]) == [-0.7, None, 0.7]
+    cells = re.findall(r'data-reward="([^"]*)" data-advantage="([^"]*)"', groups_html([row]))
+    assert cells == [("0.0", "-0.7"), ("None", "None"), ("1.0", "0.7")]

@@ -19,7 +19,9 @@ def write_group(trace: TraceWriter, group: Any, env_name: str) -> None:
         "group_id": group.group_id, "task_id": group.task.id, "n_samples": len(group.episodes),
         "reward_mean": float(np.mean(rewards)) if rewards else None,
         "reward_std": float(np.std(rewards)) if rewards else None,
-        "zero_variance": int(group.zero_variance), "rewards_json": rewards,
+        "zero_variance": int(group.zero_variance),
+        # per episode in sample order, like the advantages: None for an episode that got no reward (an env error)
+        "rewards_json": [e.reward for e in group.episodes],
         "advantages_json": [advantages.get(e.episode_id) for e in group.episodes], "created_at": group.created_at,
     })
     for episode in group.episodes:
