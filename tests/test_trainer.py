@@ -347,3 +347,13 @@ def test_compiled_layers_run_only_inside_the_update(tiny_path, monkeypatch):
     assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     assert seen and not any(seen[:len(seen) // 2]) and all(seen[len(seen) // 2:])
     assert all(layer._compiled_call_impl is None for layer in layers)  # off again for generation
+
+
+def test_the_logged_lr_is_the_rate_the_update_used(tiny_path):
+    """Under warm-up, an update's `lr` is the rate its optimizer step used, not the next one's."""
+    loaded, turns = _samples(tiny_path, n=2, seed=3)
+    trainer = GRPOTrainer(loaded, GRPOConfig(), TrainerConfig(learning_rate=3e-3, warmup_steps=2, grad_clip=0.0),
+                          sampling=1.0)
+    first = trainer.update([Sample(t, a) for t, a in zip(turns, [1.0, -1.0])])
+    assert first["optimizer_steps"] == 1 and first["lr"] == pytest.approx(1e-3)  # warm-up: (0 + 1) / (2 + 1)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3)  # the next update's rate

@@ -231,13 +231,14 @@ class GRPOTrainer:
                 steps = self._minibatch_steps(kept, prox, stats)
         finally:
             self._gap, self._inputs = None, None
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update's steps used; the schedule moves on below
         self._schedule_step(any(taken for taken, _ in steps))
         self.version += 1
         done = [totals for taken, totals in steps if taken]
         for key in done[0] if done else ():
             stats[key] = sum(d[key] for d in done) / len(done)
         stats.update(grad_norm=stats.pop("grad_norm", 0.0), optimizer_steps=float(len(done)),
-                     lr=self.scheduler.get_last_lr()[0], update_s=time.perf_counter() - start)
+                     lr=lr, update_s=time.perf_counter() - start)
         return stats
 
     def _kept(self, samples: list[Sample]) -> list[Sample]:
