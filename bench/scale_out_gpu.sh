@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's GPU rows (docs/BENCHMARKS.md "vLLM in the training loop"): episodes/h of `cua-kit train` at 8B shape on
+# Issue 13's GPU rows (docs/BENCHMARKS.md "The training loop at 8B"): episodes/h of `cua-kit train` at 8B shape on
 # 3-turn synth, the HF backend against the vLLM backend, and sync against async with vLLM at 1 s of env latency per
 # step, through bench/train_throughput.py (a table on stdout, JSON under $OUT).
 # Needs: vLLM importable (pip install -e '.[vllm]', or the parts of bench/carry/ unpacked to /tmp/site) and an
