@@ -156,7 +156,7 @@ class RolloutController:
         self._filtered_in_a_row = 0
         self.buffer: list[Group] = []
         self._gathering: list[Group] = []  # the batch `get_batch` is putting together
-        self.pending: dict[str, tuple[Task, int]] = {}  # admitted, not yet consumed: replayed on resume
+        self.pending: dict[str, tuple[Task, int]] = {}  # admitted, not yet trained on: replayed on resume
         self.replay: list[tuple[Task, int]] = []
         self.group_seq = 0
         self._running: set[asyncio.Task] = set()
@@ -300,7 +300,9 @@ class RolloutController:
 
     # ------------------------------------------------------------------ consumption
     async def get_batch(self) -> list[Group]:
-        """The next batch_size groups within the staleness bound (stale ones are dropped and counted)."""
+        """The next batch_size groups within the staleness bound (stale ones are dropped and counted). They stay
+        pending (replayed by a resume) until `consumed`: a batch that a stop or a failure keeps from the update is
+        not lost."""
         assert self._cond is not None
         batch = self._gathering = []
         while len(batch) < self.s.batch_size:
@@ -316,11 +318,14 @@ class RolloutController:
                     self._cond.notify_all()
                     continue
             batch.append(group)
-        for group in batch:
-            self.pending.pop(group.group_id, None)
         self._gathering = []
         self.health.mark()
         return batch
+
+    def consumed(self, batch: list[Group]) -> None:
+        """An update has trained on `batch`: a resume no longer replays its tasks."""
+        for group in batch:
+            self.pending.pop(group.group_id, None)
 
     def ready_groups(self) -> list[Group]:
         """Accepted groups that no update has taken yet: the batch being gathered, then the buffer."""
