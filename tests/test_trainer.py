@@ -357,3 +357,15 @@ def test_the_logged_lr_is_the_rate_the_update_used(tiny_path):
     first = trainer.update([Sample(t, a) for t, a in zip(turns, [1.0, -1.0])])
     assert first["optimizer_steps"] == 1 and first["lr"] == pytest.approx(1e-3)  # warm-up: (0 + 1) / (2 + 1)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3)  # the next update's rate
+
+
+def test_a_padding_micro_batch_runs_its_passes_with_the_kl_on(tiny_path):
+    """An FSDP rank with fewer micro-batches runs `Padding` ones to keep in step (cua_kit.distributed.plan): with
+    the KL on, such a micro-batch has no reference log-probs and must still run forward and backward, adding 0."""
+    from cua_kit.grpo.trainer import Padding
+
+    loaded, turns = _samples(tiny_path, n=2, seed=4)
+    trainer = _trainer(loaded, kl_ctl=0.05)
+    trainer._micro_step(Padding([Sample(turns[0], 1.0)]), 0.0, {})
+    grads = [p.grad for p in trainer.params]
+    assert any(g is not None for g in grads) and all(g is None or not g.any() for g in grads)

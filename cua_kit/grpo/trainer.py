@@ -279,6 +279,7 @@ class GRPOTrainer:
         signal = any(s.advantage != 0 for s in samples) or (self.grpo.kl_ctl > 0 and self.version > 0)
         if not (samples and signal):
             return False, {}
+        self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an update that raised half-way
         totals = self._accumulate(samples, prox)
         totals["grad_norm"] = self._step()
         return True, totals
@@ -314,7 +315,7 @@ class GRPOTrainer:
                            with_entropy=True, grammar=self.policy.action_grammar, inputs=self._collated(batch))
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device)
         loss, stats = grpo_loss(scored.logprobs, behav, adv, scored.mask, ref_logp=ref, prox_logp=prox,
-                                beta=self.grpo.kl_ctl, eps_low=self.grpo.eps_clip, eps_high=self.grpo.eps_clip_high,
+                                beta=self.grpo.kl_ctl if counted else 0.0, eps_low=self.grpo.eps_clip, eps_high=self.grpo.eps_clip_high,
                                 agg=self.grpo.loss_agg, max_is_weight=self.grpo.max_is_weight)
         (loss * share).backward()
         mask = scored.mask.bool()
