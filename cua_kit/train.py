@@ -167,7 +167,8 @@ class TrainingRun:
             step = self.state.step + 1
             consumed_version = self.trainer.version
             samples = [Sample(turn, adv, g.group_id) for g in batch for turn, adv in g.samples()]
-            stats = await self._update(samples)
+            stats, sync_error = await self._update(samples)
+            controller.consumed(batch)
             await controller.notify_version()
             self.state.step = step
             hours = max(time.time() - self.state.started, 1e-6) / 3600
@@ -175,6 +176,9 @@ class TrainingRun:
                                      (controller.stats.episodes - episodes_at_start) / hours)
             self._report(step, batch, row, metrics)
             mark_consumed(self.trace, batch, step, consumed_version)
+            if sync_error is not None:  # the step is whole and recorded; main saves it, then the run stops
+                raise RunFailure(f"step {step}'s weights could not reach the generation backend: "
+                                 f"{type(sync_error).__name__}: {sync_error}") from sync_error
             every = cfg.trainer.eval_every
             if every and cfg.trainer.eval_episodes and step % every == 0 and step < cfg.trainer.max_steps:
                 result = await self._evaluate(controller.pool, f"step{step}")
@@ -186,18 +190,24 @@ class TrainingRun:
             self._save(controller)
         return "stopped" if self.stop_requested.is_set() and self.state.step < cfg.trainer.max_steps else "finished"
 
-    async def _update(self, samples: list[Sample]) -> dict[str, float]:
-        """update -> policy.update_weights (a backend generating with these very weights pauses meanwhile)."""
+    async def _update(self, samples: list[Sample]) -> tuple[dict[str, float], Exception | None]:
+        """update -> policy.update_weights (a backend generating with these very weights pauses meanwhile). Returns
+        the update's stats, and the error of a weight sync that failed after it (a server that died and could not
+        restart, a disk that filled under adapters/): the trained step is then recorded and saved before the run
+        stops, not lost."""
         async with writing_weights(self.policy):
-            stats = await asyncio.to_thread(self.trainer.update, samples)
-            await self._sync_weights()
-        return stats
+            stats = await in_thread(self.trainer.update, samples)
+            try:
+                await self._sync_weights()
+            except Exception as exc:  # noqa: BLE001 - reported by the loop as a RunFailure once the step is recorded
+                return stats, exc
+        return stats, None
 
     async def _sync_weights(self) -> None:
         """Tell the policy about the trainer's version; a backend with its own copy gets the adapter's files."""
         version, adapter = self.trainer.version, None
         if not self.policy.shares_weights:
-            adapter = await asyncio.to_thread(self.trainer.export, self.run_dir / "adapters")
+            adapter = await in_thread(self.trainer.export, self.run_dir / "adapters")
         await self.policy.update_weights(version, adapter)
 
     async def _next_batch(self, controller: RolloutController) -> list[Group] | None:
@@ -337,6 +347,17 @@ class TrainingRun:
         self.stop_requested.set()
 
 
+async def in_thread(function: Any, *args: Any) -> Any:
+    """`asyncio.to_thread`, except that a cancelled caller still waits for the thread to end before it goes: the
+    thread works on the trainer's model, which whatever runs next (a resumed generation, a save) uses too."""
+    future = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 class ReferenceAhead:
     """Scores the KL reference of the accepted groups (`controller.ready_groups`) while the loop waits for its
     batch, one group at a time, so the update that takes them skips that forward (issue 16: the reference off the
@@ -360,7 +381,7 @@ class ReferenceAhead:
             seen.add(group.group_id)
             samples = [Sample(turn, adv, group.group_id) for turn, adv in group.samples()]
             try:
-                await asyncio.to_thread(self.trainer.score_reference, samples)
+                await in_thread(self.trainer.score_reference, samples)
             except Exception as exc:  # noqa: BLE001 - the update scores what is missing, and says so if it fails
                 log.warning("scoring the reference ahead of the update failed (%s: %s); the update scores it",
                             type(exc).__name__, exc)

@@ -197,3 +197,63 @@ def test_a_run_with_no_batch_says_why_then_fails_in_the_trace_and_the_dashboard(
     assert run["status"] == "failed" and run["message"] == summary["reason"]
     [row] = data.runs_table([run])
     assert row[data.RUNS_HEADERS.index("note")] == summary["reason"]
+
+
+def test_a_weight_sync_that_fails_after_an_update_saves_that_step(tmp_path, monkeypatch):
+    """A backend that cannot take step 2's weights (a vLLM server that died and could not restart raises from
+    `update_weights`) stops the run as failed, with step 2 recorded and checkpointed: the update is not lost."""
+    import sqlite3
+    from pathlib import Path
+
+    from cua_kit.config import load_config
+    from cua_kit.inference.hf import HFPolicy
+    from cua_kit.train import train
+
+    real = HFPolicy.update_weights
+
+    async def failing_at_version_2(self, version, adapter_dir=None):
+        if version == 2:
+            raise RuntimeError("vLLM server could not restart: address already in use")
+        await real(self, version, adapter_dir)
+
+    monkeypatch.setattr(HFPolicy, "update_weights", failing_at_version_2)
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(quickstart, [f"output_dir={tmp_path}", "model.adapter_path=", "trainer.eval_episodes=0",
+                                   "rollout.n_samples=2", "trainer.batch_size=1", "rollout.max_turns=1",
+                                   "rollout.max_new_tokens=8", "rollout.max_concurrent_rollouts=2",
+                                   "trainer.max_steps=4", "saver.freq_steps=0", "logging.tensorboard=false"],
+                      environ={})
+    summary = train(cfg)
+    assert summary["status"] == "failed" and summary["step"] == 2
+    assert summary["reason"] == ("step 2's weights could not reach the generation backend: RuntimeError: "
+                                 "vLLM server could not restart: address already in use")
+    run = Path(summary["run_dir"])
+    assert (run / "checkpoints" / "checkpoint-2" / "adapter").is_dir()
+    with sqlite3.connect(run / "trace.db") as db:
+        assert [s for (s,) in db.execute("select step from steps order by step")] == [1, 2]
+        assert sorted(s for (s,) in db.execute("select distinct step from groups where step is not null")) == [1, 2]
+
+
+def test_a_cancelled_wait_on_the_trainers_thread_returns_only_when_the_thread_is_done():
+    """`train.in_thread`: a loop task cancelled mid-update (Ctrl-C in a notebook, shutdown) must not leave the update
+    running on weights that generation then resumes on."""
+    import threading
+    import time
+
+    from cua_kit.train import in_thread
+
+    finished = threading.Event()
+
+    def update() -> None:
+        time.sleep(0.5)
+        finished.set()
+
+    async def cancel_mid_update() -> bool:
+        task = asyncio.create_task(in_thread(update))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return finished.is_set()
+
+    assert asyncio.run(cancel_mid_update())

@@ -108,9 +108,9 @@ def decode_completion(tokenizer: object, ids: list[int]) -> str:
 async def writing_weights(policy: Policy) -> AsyncIterator[None]:
     """Around a change of the trainer's weights: a backend that generates with those very weights is paused
     (no generation sees half-written weights); one with its own copy keeps generating."""
-    if policy.shares_weights:
-        await policy.pause()
-    try:
+    try:  # pause inside: a pause cut short (a cancelled task) is resumed too, or generation would wait forever
+        if policy.shares_weights:
+            await policy.pause()
         yield
     finally:
         if policy.shares_weights:

@@ -71,8 +71,8 @@ class HFPolicy:
         """Shared weights: the trainer changed them in place, only the version number is news. Own copy: the
         adapter's tensors are loaded into it between two generate calls."""
         if not self.shares_weights and adapter_dir is not None:
-            await self.pause()
             try:
+                await self.pause()
                 await asyncio.get_running_loop().run_in_executor(self._thread, _load_adapter, self.loaded.model,
                                                                  adapter_dir)
             finally:
