@@ -55,9 +55,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, trainer: Any, state: dict[str, An
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
+    replaced = ckpt_dir / f".tmp-checkpoint-{step}-replaced-{os.getpid()}"
+    if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save): renamed away whole
+        os.rename(final, replaced)  # first, so a kill never leaves a half-deleted checkpoint-<step>
     os.rename(tmp, final)
+    shutil.rmtree(replaced, ignore_errors=True)
     _prune(ckpt_dir, keep_last, final)
     return final
 

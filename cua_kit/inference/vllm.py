@@ -170,7 +170,11 @@ class VLLMPolicy:
         if self._current is None and self._has_adapter():  # used before any update (eval): serve `loaded`'s adapter
             if self._first_load is None:  # once, however many episodes start at the same time
                 self._first_load = asyncio.ensure_future(self.update_weights(self._version, None))
-            await asyncio.shield(self._first_load)
+            try:
+                await asyncio.shield(self._first_load)
+            except Exception:
+                self._first_load = None  # the next call tries again instead of re-raising this error forever
+                raise
         self.counts["gen_requests"] += len(requests)
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
@@ -377,7 +381,8 @@ class VLLMPolicy:
         current = self._current.name if self._current is not None else None
         used = set(self._inflight.values())
         for name in [n for n in self._loaded if n != current and n not in used]:
-            del self._loaded[name]  # before the await: two callers never unload the same name
+            if self._loaded.pop(name, None) is None:  # before the await: two callers never unload the same name
+                continue  # another caller took it during one of our awaits
             try:
                 await self._post("/v1/unload_lora_adapter", {"lora_name": name})
             except (_Lost, RuntimeError) as exc:
