@@ -70,6 +70,8 @@ async def run_eval(cfg: Config, policy: Policy, pool: EnvPool, agent: Agent, epi
     finally:
         bar.close()
     _write_trace(out_dir, f"eval-{label}", cfg, results)
+    if health.failure is not None:  # recorded by the last episodes, after every job had started
+        raise RunFailure(f"eval {label}: {health.failure}")
     scored = [e for e in results if e.reward is not None]
     rate = sum(e.success for e in scored) / len(scored) if scored else 0.0
     summary = {"episodes": len(scored), "success_rate": rate, "env_errors": len(results) - len(scored),

@@ -257,3 +257,33 @@ def test_a_cancelled_wait_on_the_trainers_thread_returns_only_when_the_thread_is
         return finished.is_set()
 
     assert asyncio.run(cancel_mid_update())
+
+
+def test_an_eval_whose_episodes_all_started_still_stops_on_a_full_disk(tmp_path, monkeypatch):
+    """Fewer eval episodes than rollout slots: every one has started before the first fault is recorded, and the
+    eval still fails with the reason instead of reporting a success rate over nothing."""
+    from pathlib import Path
+
+    from cua_kit.build import make_agent, make_model, make_policy, make_pool
+    from cua_kit.config import load_config
+    from cua_kit.evaluate import run_eval
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cua_kit.rollout.episode._save_png", full)
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(quickstart, [f"output_dir={tmp_path}", "model.adapter_path=", "rollout.max_turns=1",
+                                   "rollout.max_new_tokens=8", "rollout.max_concurrent_rollouts=8"], environ={})
+    loaded = make_model(cfg)
+
+    async def go() -> None:
+        policy, pool = make_policy(cfg, loaded), make_pool(cfg)
+        try:
+            await run_eval(cfg, policy, pool, make_agent(cfg, loaded.processor), 3, tmp_path, "before")
+        finally:
+            await policy.close()
+            await pool.close()
+
+    with pytest.raises(RunFailure, match="eval before: .*No space left on device"):
+        asyncio.run(go())
