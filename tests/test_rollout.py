@@ -220,3 +220,16 @@ def test_pause_waits_for_the_batch_in_flight_and_holds_new_ones_until_resume(loa
 
     assert asyncio.run(main()) == ["paused after 1 batch(es)", "while paused: second done=False, batches=1",
                                    "resumed: batches=2"]
+
+
+def test_a_format_penalty_shapes_the_reward_not_the_success():
+    """rollout.format_penalty lowers the reward of an episode with invalid turns; whether the task was done is the
+    env's own score (held-out success rates and per-task tables must not move with a shaping knob)."""
+    from cua_kit.envs.base import Task
+    from cua_kit.rollout.episode import Episode
+
+    task = Task("t", "synth")
+    done_clumsily = Episode("e0", task, env_score=1.0, reward=1.0 - 0.1 * 6)  # 6 invalid turns, penalty 0.1
+    assert done_clumsily.reward == pytest.approx(0.4) and done_clumsily.success
+    assert not Episode("e1", task, env_score=0.0, reward=0.0).success
+    assert not Episode("e2", task, status="env_error").success  # no score: never a success

@@ -57,6 +57,7 @@ class Episode:
     turns: list[Turn] = field(default_factory=list)
     status: str = "running"  # finished | env_done | max_turns | env_error | policy_error | error
     reward: float | None = None  # None for env errors: never scored for the policy
+    env_score: float | None = None  # the env's own score, before rollout.format_penalty shapes it into `reward`
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)  # what ended it, for health
     started_at: float = field(default_factory=time.time)
@@ -72,7 +73,9 @@ class Episode:
 
     @property
     def success(self) -> bool:
-        return self.reward is not None and self.reward > 0.5
+        """The env's verdict: a format penalty shapes the reward, never whether the task was done."""
+        score = self.env_score if self.env_score is not None else self.reward
+        return self.reward is not None and score is not None and score > 0.5
 
 
 @dataclass
@@ -105,7 +108,8 @@ async def run_episode(env: Env, task: Task, agent: Agent, policy: Policy, settin
             if result.done:
                 episode.status = "env_done"
                 break
-        episode.reward = await env.evaluate() - settings.format_penalty * episode.n_invalid
+        episode.env_score = await env.evaluate()
+        episode.reward = episode.env_score - settings.format_penalty * episode.n_invalid
     except EnvError as exc:
         episode.status, episode.reward, episode.error = "env_error", None, str(exc)[:500]
     except PolicyError as exc:
