@@ -67,13 +67,16 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     loaded = make_model(cfg, adapter_path=adapter)
 
     async def go():
-        policy, pool = make_policy(cfg, loaded), make_pool(cfg)
+        policy = make_policy(cfg, loaded)
         try:
-            return await run_eval(cfg, policy, pool, make_agent(cfg, loaded.processor), args.episodes,
-                                  cfg.run_dir, args.label)
+            pool = make_pool(cfg)
+            try:
+                return await run_eval(cfg, policy, pool, make_agent(cfg, loaded.processor), args.episodes,
+                                      cfg.run_dir, args.label)
+            finally:
+                await pool.close()
         finally:
             await policy.close()
-            await pool.close()
 
     result = asyncio.run(go())
     if "per_task" in result:  # envs with a task_key (MiniWoB++): per-task table, mean over tasks

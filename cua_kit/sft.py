@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cua_kit.agent import Agent, History
-from cua_kit.config import Config, save_config
+from cua_kit.config import Config, ConfigError, save_config
 from cua_kit.envs import make_env
 from cua_kit.envs.base import Task
 from cua_kit.grpo.scoring import score
@@ -116,6 +116,10 @@ def run_sft(cfg: Config) -> Path:
     tasks = tasks[: cfg.sft.max_tasks] if cfg.sft.max_tasks else tasks
     demos = asyncio.run(record_demos(cfg, agent, tasks, cfg.sft.demos_per_task))
     print(f"SFT: {len(demos)} demonstration turns from {len(tasks)} tasks", flush=True)
+    if not demos:  # training on nothing would save an untrained adapter as if it were a warm start
+        raise ConfigError(f"sft: no demonstration turns from {len(tasks)} tasks of env {cfg.env.name!r}: its oracle "
+                          "has no action for them (or every demo episode failed). Pick tasks with an oracle "
+                          "(docs/environments.md), or skip the warm start")
     train_sft(loaded, demos, cfg.sft.epochs, cfg.sft.batch_size, cfg.sft.learning_rate, cfg.trainer.seed)
     out = cfg.run_dir / cfg.sft.output / "adapter"
     loaded.model.save_pretrained(out)

@@ -435,6 +435,7 @@ class MiniWobEnv(Env):
         # the rest of a reset; tests check that same seed -> same screenshot either way.
         self._episodes_on_page += 1
         if self._loaded != name or self._episodes_on_page > RELOAD_EVERY:
+            self._loaded = None  # until the page has loaded: a failed load is never taken for the old page
             await self._call(self._page.goto(page_file.as_uri()), f"loading {name}")
             self._loaded, self._episodes_on_page = name, 1
         # Park the mouse outside the task area: no hover style from the last episode's click.

@@ -147,6 +147,8 @@ class EnvPool:
         elif broken:
             self.stats.restarts += 1
             await self._close_env(env)
+            if self._closed:  # the pool closed during that await: a replacement would never be closed
+                return
             with contextlib.suppress(EnvError):  # counted; the next lease tries the factory again
                 self._idle.append(self._make())
         else:
