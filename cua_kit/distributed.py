@@ -289,6 +289,8 @@ class ShardedTrainer(GRPOTrainer):
     """`GRPOTrainer` on one FSDP2 shard: this rank's share of each micro-batch plan, losses summed across ranks.
     On rank 0, `update`, `export`, `save` and `load` first tell the other ranks (`Channel.command`)."""
 
+    keeps_reference = False  # each update rescores its own samples (`score_reference`)
+
     def __init__(self, policy, grpo, trainer, sampling, ranks: Ranks, channel: Channel):
         if trainer.compile:  # compiled layers (issue 16) swap each layer's call, which FSDP2's hooks wrap: untested
             raise ConfigError("trainer.compile is not supported on FSDP ranks yet; set trainer.compile=false")
@@ -302,8 +304,6 @@ class ShardedTrainer(GRPOTrainer):
         the update's samples alone)."""
         owner = self._owner or owners(samples, 1, self.ranks.world)  # outside an update: this list alone
         return plan(samples, owner, self.ranks.world, super()._micro_batches)[self.ranks.rank]
-
-    keeps_reference = False  # each update rescores its own samples (below)
 
     def score_reference(self, samples: list[Sample]) -> int:
         """Every rank scores the reference of its own samples of this update: a cache kept from earlier updates

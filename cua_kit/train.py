@@ -166,8 +166,7 @@ class TrainingRun:
                 break
             step = self.state.step + 1
             consumed_version = self.trainer.version
-            samples = [Sample(turn, adv, g.group_id) for g in batch for turn, adv in g.samples()]
-            stats, sync_error = await self._update(samples)
+            stats, sync_error = await self._update(training_samples(batch))
             controller.consumed(batch)
             await controller.notify_version()
             self.state.step = step
@@ -235,7 +234,7 @@ class TrainingRun:
     def _scores_reference_ahead(self) -> bool:
         """While the loop waits for a batch, the trainer's model is idle when generation has its own copy of the
         weights (a vLLM server) and one process trains: it scores the KL reference of the groups that came."""
-        return (not self.policy.shares_weights and self.trainer.keeps_reference and self.cfg.grpo.kl_ctl > 0)
+        return not self.policy.shares_weights and self.trainer.keeps_reference and self.cfg.grpo.kl_ctl > 0
 
     def _step_metrics(self, batch: list[Group], stats: dict[str, float], controller: RolloutController,
                       version: int, episodes_per_hour: float) -> dict[str, float]:
@@ -347,6 +346,11 @@ class TrainingRun:
         self.stop_requested.set()
 
 
+def training_samples(groups: list[Group]) -> list[Sample]:
+    """Every turn of the groups as a trainer sample, with its advantage and its group."""
+    return [Sample(turn, adv, g.group_id) for g in groups for turn, adv in g.samples()]
+
+
 async def in_thread(function: Any, *args: Any) -> Any:
     """`asyncio.to_thread`, except that a cancelled caller still waits for the thread to end before it goes: the
     thread works on the trainer's model, which whatever runs next (a resumed generation, a save) uses too."""
@@ -379,9 +383,8 @@ class ReferenceAhead:
                     await asyncio.wait_for(self._stopping.wait(), self.POLL_S)
                 continue
             seen.add(group.group_id)
-            samples = [Sample(turn, adv, group.group_id) for turn, adv in group.samples()]
             try:
-                await in_thread(self.trainer.score_reference, samples)
+                await in_thread(self.trainer.score_reference, training_samples([group]))
             except Exception as exc:  # noqa: BLE001 - the update scores what is missing, and says so if it fails
                 log.warning("scoring the reference ahead of the update failed (%s: %s); the update scores it",
                             type(exc).__name__, exc)

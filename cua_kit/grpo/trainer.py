@@ -315,8 +315,8 @@ class GRPOTrainer:
                            with_entropy=True, grammar=self.policy.action_grammar, inputs=self._collated(batch))
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device)
         loss, stats = grpo_loss(scored.logprobs, behav, adv, scored.mask, ref_logp=ref, prox_logp=prox,
-                                beta=self.grpo.kl_ctl if counted else 0.0, eps_low=self.grpo.eps_clip, eps_high=self.grpo.eps_clip_high,
-                                agg=self.grpo.loss_agg, max_is_weight=self.grpo.max_is_weight)
+                                beta=self.grpo.kl_ctl if counted else 0.0, eps_low=self.grpo.eps_clip,
+                                eps_high=self.grpo.eps_clip_high, agg=self.grpo.loss_agg, max_is_weight=self.grpo.max_is_weight)
         (loss * share).backward()
         mask = scored.mask.bool()
         if self._gap is not None and counted:  # fresh samples: the generation engine's log-probs vs ours
